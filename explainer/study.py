@@ -1,0 +1,622 @@
+"""Intruder detection study (paper App. C, Table 5), without any user interface.
+
+A *trial* shows 5 crops: 4 from one concept of a class and 1 (the intruder) from another concept
+of the same class, shuffled; the participant picks the intruder. Chance is 1/5 = 20 %.
+
+Storage: one DuckDB file per workspace (``ws.root / "study.duckdb"``)::
+
+    studies(study_id, created, workspace, classes, n_concepts, trials_per_participant, seed,
+            token, params)
+    study_crops(study_id, class, concept, rank, crop_id)     -- precomputed at creation
+    participants(study_id, participant_id, created)
+    answers(study_id, participant_id, trial_index, class, concept, intruder_concept,
+            crop_ids, intruder_position, chosen_position, correct, answered_at, response_ms)
+            UNIQUE (study_id, participant_id, trial_index)
+
+The concept crops are computed once when the study is created (``explain_class`` per class), so a
+trial never recomputes anything. A participant's trials are a pure function of the stored crops,
+the study seed and the participant id: a returning participant gets the same trials and continues
+at the first unanswered one. Every answer is committed the moment it is given; a second answer to
+the same trial (a double click, a reload) is ignored, never double-counted.
+
+Concurrency: one process-wide connection per file, guarded by a lock; each call uses its own
+cursor and holds the lock only for one short statement or transaction. DuckDB allows one writing
+process per file, so run the study from one server process.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import hashlib
+import io
+import math
+import re
+import secrets
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import contextlib
+
+import numpy as np
+
+from .errors import ExplorerError
+
+__all__ = [
+    "STUDY_FILE",
+    "CHANCE",
+    "CROPS_PER_TRIAL",
+    "Study",
+    "Trial",
+    "AnswerOutcome",
+    "AccuracyStat",
+    "StudyResults",
+    "study_path",
+    "create_study",
+    "create_study_from_crops",
+    "list_studies",
+    "get_study",
+    "study_by_token",
+    "find_study_by_token",
+    "register_participant",
+    "list_participants",
+    "trials_for",
+    "answered_indices",
+    "next_trial_index",
+    "record_answer",
+    "answers",
+    "study_results",
+    "answers_csv",
+    "export_answers_csv",
+    "wilson_interval",
+    "binomial_p_greater",
+    "participant_link",
+    "close_all",
+]
+
+STUDY_FILE = "study.duckdb"
+CROPS_PER_TRIAL = 5
+CHANCE = 1.0 / CROPS_PER_TRIAL
+_PARTICIPANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.@+-]{0,63}$")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS studies (
+    study_id VARCHAR PRIMARY KEY,
+    created TIMESTAMP NOT NULL,
+    workspace VARCHAR NOT NULL,
+    classes INTEGER[] NOT NULL,
+    n_concepts INTEGER NOT NULL,
+    trials_per_participant INTEGER NOT NULL,
+    seed BIGINT NOT NULL,
+    token VARCHAR NOT NULL UNIQUE,
+    params VARCHAR
+);
+CREATE TABLE IF NOT EXISTS study_crops (
+    study_id VARCHAR NOT NULL,
+    class INTEGER NOT NULL,
+    concept INTEGER NOT NULL,
+    rank INTEGER NOT NULL,
+    crop_id BIGINT NOT NULL,
+    PRIMARY KEY (study_id, class, concept, rank)
+);
+CREATE TABLE IF NOT EXISTS participants (
+    study_id VARCHAR NOT NULL,
+    participant_id VARCHAR NOT NULL,
+    created TIMESTAMP NOT NULL,
+    PRIMARY KEY (study_id, participant_id)
+);
+CREATE TABLE IF NOT EXISTS answers (
+    study_id VARCHAR NOT NULL,
+    participant_id VARCHAR NOT NULL,
+    trial_index INTEGER NOT NULL,
+    class INTEGER NOT NULL,
+    concept INTEGER NOT NULL,
+    intruder_concept INTEGER NOT NULL,
+    crop_ids BIGINT[] NOT NULL,
+    intruder_position INTEGER NOT NULL,
+    chosen_position INTEGER NOT NULL,
+    correct BOOLEAN NOT NULL,
+    answered_at TIMESTAMP NOT NULL,
+    response_ms INTEGER,
+    PRIMARY KEY (study_id, participant_id, trial_index)
+);
+"""
+
+
+# --------------------------------------------------------------------------------------------
+# connections: one per file and process, a lock, a cursor per call
+
+
+class _Db:
+    def __init__(self, path: Path) -> None:
+        import duckdb
+
+        self.path = path
+        self.lock = threading.RLock()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.conn = duckdb.connect(str(path))
+        except duckdb.IOException as exc:
+            raise ExplorerError(
+                f"Cannot open the study database '{path}': {exc}. Another process (a second "
+                "app server or a script) may hold it; stop it and try again") from exc
+        with self.lock:
+            self.conn.execute(_SCHEMA)
+
+    @contextlib.contextmanager
+    def cursor(self) -> Iterator[Any]:
+        """A fresh cursor under the file's lock (held only for the ``with`` block)."""
+        with self.lock:
+            cur = self.conn.cursor()
+            try:
+                yield cur
+            finally:
+                cur.close()
+
+
+_DBS: dict[str, _Db] = {}
+_DBS_LOCK = threading.Lock()
+
+
+def _db(path: str | Path) -> _Db:
+    key = str(Path(path).resolve())
+    with _DBS_LOCK:
+        db = _DBS.get(key)
+        if db is None:
+            db = _Db(Path(key))
+            _DBS[key] = db
+        return db
+
+
+def close_all() -> None:
+    """Close every study connection of this process (tests, clean shutdown)."""
+    with _DBS_LOCK:
+        for db in _DBS.values():
+            with db.lock:
+                db.conn.close()
+        _DBS.clear()
+
+
+def study_path(ws_or_root: Any) -> Path:
+    """The study database of a workspace (``ws.root / "study.duckdb"``); a folder works too."""
+    root = getattr(ws_or_root, "root", ws_or_root)
+    return Path(root) / STUDY_FILE
+
+
+# --------------------------------------------------------------------------------------------
+# types
+
+
+@dataclass(frozen=True)
+class Study:
+    """A study's record. ``concept_crops[class][concept]`` is the ranked crop id list."""
+
+    study_id: str
+    created: _dt.datetime
+    workspace: str
+    classes: list[int]
+    n_concepts: int
+    trials_per_participant: int
+    seed: int
+    token: str
+    path: Path
+    params: str = ""
+    concept_crops: Mapping[int, Mapping[int, list[int]]] = field(default_factory=dict,
+                                                                 repr=False)
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One trial: ``crop_ids[intruder_position]`` is the intruder (from ``intruder_concept``);
+    the other four come from ``concept``; all of class ``class_idx``."""
+
+    index: int
+    class_idx: int
+    concept: int
+    intruder_concept: int
+    crop_ids: tuple[int, ...]
+    intruder_position: int
+
+
+@dataclass(frozen=True)
+class AnswerOutcome:
+    """What :func:`record_answer` did: ``stored`` is False when the trial had an answer already
+    (then ``correct`` is the stored answer's)."""
+
+    stored: bool
+    correct: bool
+    trial_index: int
+
+
+@dataclass(frozen=True)
+class AccuracyStat:
+    """Intruder detection accuracy with a 95 % Wilson interval and the one-sided exact binomial
+    p-value against chance (20 %). Higher accuracy is better."""
+
+    label: str
+    n: int
+    correct: int
+    accuracy: float
+    ci_low: float
+    ci_high: float
+    p_value: float
+    higher_is_better: bool = True
+
+
+@dataclass(frozen=True)
+class StudyResults:
+    overall: AccuracyStat
+    per_participant: list[AccuracyStat]
+    per_class: list[AccuracyStat]
+
+
+# --------------------------------------------------------------------------------------------
+# statistics
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """95 % Wilson score interval for ``k`` successes out of ``n``; ``(0, 1)`` when ``n == 0``."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = k / n
+    den = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def binomial_p_greater(k: int, n: int, p: float = CHANCE) -> float:
+    """One-sided exact binomial test ``P(X >= k)`` for ``X ~ Bin(n, p)``; 1.0 when ``n == 0``."""
+    if n <= 0 or k <= 0:
+        return 1.0
+    from scipy.stats import binom
+
+    return float(binom.sf(k - 1, n, p))
+
+
+def _stat(label: str, k: int, n: int) -> AccuracyStat:
+    lo, hi = wilson_interval(k, n)
+    return AccuracyStat(label, n, k, (k / n) if n else float("nan"), lo, hi,
+                        binomial_p_greater(k, n))
+
+
+# --------------------------------------------------------------------------------------------
+# creating and reading studies
+
+
+def _now() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None)
+
+
+def _check_concept_crops(concept_crops: Mapping[int, Sequence[Sequence[int]]]) -> None:
+    usable = [c for c, concepts in concept_crops.items()
+              if sum(len(x) >= CROPS_PER_TRIAL - 1 for x in concepts) >= 2]
+    if not usable:
+        raise ExplorerError(
+            "No class has two concepts with at least 4 crops each, so no trial can be built; "
+            "pick other classes or more concepts (n >= 2)")
+
+
+def create_study_from_crops(path: str | Path, workspace: str,
+                            concept_crops: Mapping[int, Sequence[Sequence[int]]], *,
+                            n_concepts: int | None = None, trials_per_participant: int = 50,
+                            seed: int = 0, params: str = "") -> Study:
+    """Create a study from precomputed crops: ``concept_crops[class][k]`` = ranked crop ids of
+    concept ``k`` of that class. Returns the stored :class:`Study` (with a fresh link token)."""
+    if trials_per_participant < 1 or trials_per_participant > 1000:
+        raise ExplorerError("Trials per participant must be between 1 and 1000")
+    if not concept_crops:
+        raise ExplorerError("Pick at least one class for the study")
+    _check_concept_crops(concept_crops)
+    n_concepts = n_concepts or max(len(v) for v in concept_crops.values())
+    study_id = uuid.uuid4().hex[:12]
+    token = secrets.token_urlsafe(9)
+    created = _now()
+    classes = sorted(int(c) for c in concept_crops)
+    rows = [(study_id, int(c), int(k), int(r), int(cid))
+            for c, concepts in concept_crops.items()
+            for k, crops in enumerate(concepts) for r, cid in enumerate(crops)]
+    db = _db(path)
+    with db.cursor() as cur:
+        cur.execute("BEGIN TRANSACTION")
+        try:
+            cur.execute("INSERT INTO studies VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        [study_id, created, workspace, classes, int(n_concepts),
+                         int(trials_per_participant), int(seed), token, params])
+            cur.executemany("INSERT INTO study_crops VALUES (?, ?, ?, ?, ?)", rows)
+            cur.execute("COMMIT")
+        except Exception:
+            cur.execute("ROLLBACK")
+            raise
+    return get_study(path, study_id)
+
+
+def create_study(ws: Any, classes: Iterable[int], *, n_concepts: int = 4,
+                 trials_per_participant: int = 50, seed: int = 0, m: int = 8,
+                 method: str = "deeplift", max_images: int = 500, exclude_target: bool = False,
+                 progress: Callable[[float, str], None] | None = None,
+                 explain: Callable[..., Any] | None = None) -> Study:
+    """Create a study in ``ws``: explain each class once (``explain_class``) and store the top
+    ``m`` crops of each concept, so trials never recompute.
+
+    ``exclude_target`` picks the crops with target-class crops excluded (default: the plain top
+    crops, as the paper's visualisations). ``progress(fraction, text)`` is called per class.
+    ``explain`` replaces :func:`explainer.concepts.explain_class` (tests)."""
+    classes = list(dict.fromkeys(int(c) for c in classes))
+    if not classes:
+        raise ExplorerError("Pick at least one class for the study")
+    if not 2 <= n_concepts <= 10:
+        raise ExplorerError("An intruder study needs 2 to 10 concepts per class")
+    if m < CROPS_PER_TRIAL - 1:
+        raise ExplorerError(f"Need at least {CROPS_PER_TRIAL - 1} crops per concept (m >= 4)")
+    if explain is None:
+        from .concepts import explain_class as explain
+    concept_crops: dict[int, list[list[int]]] = {}
+    for i, cls in enumerate(classes):
+        if progress:
+            progress(i / len(classes), f"explaining class {cls} ({i + 1}/{len(classes)})")
+        exp = explain(ws, cls, n_concepts=n_concepts, method=method, max_images=max_images,
+                      seed=seed, m=m)
+        concept_crops[cls] = [[c.crop_id for c in con.top_crops(exclude_target)]
+                              for con in exp.concepts]
+    if progress:
+        progress(1.0, "storing the study")
+    params = f"m={m};method={method};max_images={max_images};exclude_target={exclude_target}"
+    return create_study_from_crops(study_path(ws), ws.name, concept_crops,
+                                   n_concepts=n_concepts,
+                                   trials_per_participant=trials_per_participant, seed=seed,
+                                   params=params)
+
+
+def _load_crops(cur: Any, study_id: str) -> dict[int, dict[int, list[int]]]:
+    out: dict[int, dict[int, list[int]]] = {}
+    for cls, k, cid in cur.execute(
+            "SELECT class, concept, crop_id FROM study_crops WHERE study_id = ? "
+            "ORDER BY class, concept, rank", [study_id]).fetchall():
+        out.setdefault(int(cls), {}).setdefault(int(k), []).append(int(cid))
+    return out
+
+
+_STUDY_COLS = ("study_id, created, workspace, classes, n_concepts, trials_per_participant, "
+               "seed, token, params")
+
+
+def _row_to_study(row: Sequence[Any], path: Path, crops: Mapping) -> Study:
+    return Study(row[0], row[1], row[2], [int(c) for c in row[3]], int(row[4]), int(row[5]),
+                 int(row[6]), row[7], Path(path), row[8] or "", crops)
+
+
+def get_study(path: str | Path, study_id: str) -> Study:
+    """The study ``study_id`` stored in ``path``."""
+    db = _db(path)
+    with db.cursor() as cur:
+        row = cur.execute(f"SELECT {_STUDY_COLS} FROM studies WHERE study_id = ?",
+                          [study_id]).fetchone()
+        if row is None:
+            raise ExplorerError(f"No study '{study_id}' in {path}; create one on the study page")
+        return _row_to_study(row, Path(path), _load_crops(cur, study_id))
+
+
+def study_by_token(path: str | Path, token: str) -> Study | None:
+    """The study whose participant-link token is ``token``, or None."""
+    if not Path(path).is_file():
+        return None
+    db = _db(path)
+    with db.cursor() as cur:
+        row = cur.execute(f"SELECT {_STUDY_COLS} FROM studies WHERE token = ?",
+                          [token]).fetchone()
+        if row is None:
+            return None
+        return _row_to_study(row, Path(path), _load_crops(cur, row[0]))
+
+
+def find_study_by_token(token: str, workspaces: Iterable[Any]) -> tuple[Any, Study]:
+    """Search the study files of ``workspaces`` for ``token``; ExplorerError when unknown."""
+    if not token or not re.fullmatch(r"[A-Za-z0-9_-]{4,64}", token):
+        raise ExplorerError("This study link is malformed; ask the study lead for a new link")
+    for ws in workspaces:
+        p = study_path(ws)
+        if p.is_file():
+            st = study_by_token(p, token)
+            if st is not None:
+                return ws, st
+    raise ExplorerError("This study link is unknown or the study was removed; ask the study "
+                        "lead for a new link")
+
+
+def list_studies(path: str | Path) -> list[Study]:
+    """Every study in ``path``, newest first (without their crops)."""
+    if not Path(path).is_file():
+        return []
+    db = _db(path)
+    with db.cursor() as cur:
+        rows = cur.execute(f"SELECT {_STUDY_COLS} FROM studies ORDER BY created DESC").fetchall()
+    return [_row_to_study(r, Path(path), {}) for r in rows]
+
+
+def participant_link(study: Study, participant_id: str, base_url: str = "") -> str:
+    """The participant's URL query (``?study=<token>&participant=<id>``), after ``base_url``."""
+    from urllib.parse import urlencode
+
+    q = urlencode({"study": study.token, "participant": participant_id})
+    return f"{base_url}?{q}"
+
+
+# --------------------------------------------------------------------------------------------
+# participants and trials
+
+
+def _check_participant(participant_id: str) -> str:
+    pid = (participant_id or "").strip()
+    if not _PARTICIPANT_RE.match(pid):
+        raise ExplorerError("Participant id must be 1-64 characters: letters, digits, space, "
+                            "'_', '.', '@', '+', '-' (starting with a letter or digit)")
+    return pid
+
+
+def register_participant(study: Study, participant_id: str) -> str:
+    """Record the participant (idempotent); returns the cleaned id."""
+    pid = _check_participant(participant_id)
+    db = _db(study.path)
+    with db.cursor() as cur:
+        cur.execute("INSERT INTO participants VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                    [study.study_id, pid, _now()])
+    return pid
+
+
+def list_participants(study: Study) -> list[str]:
+    db = _db(study.path)
+    with db.cursor() as cur:
+        rows = cur.execute("SELECT participant_id FROM participants WHERE study_id = ? "
+                           "ORDER BY created, participant_id", [study.study_id]).fetchall()
+    return [r[0] for r in rows]
+
+
+def participant_seed(study_seed: int, participant_id: str) -> int:
+    """The participant's trial seed: derived from the study seed and the participant id."""
+    h = hashlib.sha256(f"{int(study_seed)}\x00{participant_id}".encode()).digest()
+    return int.from_bytes(h[:8], "little")
+
+
+def trials_for(study: Study, participant_id: str) -> list[Trial]:
+    """The participant's ``trials_per_participant`` trials (deterministic).
+
+    Each trial: a random usable class, a random ordered pair (concept, intruder concept), 4 crops
+    drawn from the concept's top crops and 1 from the intruder concept's (never one that is also
+    among the concept's top crops, when avoidable), placed at a random position."""
+    pid = _check_participant(participant_id)
+    crops = study.concept_crops or get_study(study.path, study.study_id).concept_crops
+    usable: dict[int, list[int]] = {}
+    for cls in sorted(crops):
+        ks = [k for k in sorted(crops[cls]) if len(crops[cls][k]) >= CROPS_PER_TRIAL - 1]
+        if len(ks) >= 2:
+            usable[cls] = ks
+    if not usable:
+        raise ExplorerError("This study has no class with two usable concepts")
+    rng = np.random.default_rng(participant_seed(study.seed, pid))
+    classes = sorted(usable)
+    trials = []
+    for i in range(study.trials_per_participant):
+        cls = classes[int(rng.integers(len(classes)))]
+        a, b = (int(x) for x in rng.choice(usable[cls], size=2, replace=False))
+        pool_a = crops[cls][a]
+        four = [int(x) for x in rng.choice(pool_a, size=CROPS_PER_TRIAL - 1, replace=False)]
+        pool_b = [c for c in crops[cls][b] if c not in set(pool_a)]
+        if not pool_b:
+            pool_b = [c for c in crops[cls][b] if c not in set(four)] or list(crops[cls][b])
+        intruder = int(pool_b[int(rng.integers(len(pool_b)))])
+        pos = int(rng.integers(CROPS_PER_TRIAL))
+        ids = four[:pos] + [intruder] + four[pos:]
+        trials.append(Trial(i, cls, a, b, tuple(ids), pos))
+    return trials
+
+
+def answered_indices(study: Study, participant_id: str) -> set[int]:
+    db = _db(study.path)
+    with db.cursor() as cur:
+        rows = cur.execute("SELECT trial_index FROM answers WHERE study_id = ? AND "
+                           "participant_id = ?", [study.study_id, participant_id]).fetchall()
+    return {int(r[0]) for r in rows}
+
+
+def next_trial_index(study: Study, participant_id: str) -> int | None:
+    """The first unanswered trial of the participant, or None when all are answered."""
+    done = answered_indices(study, participant_id)
+    for i in range(study.trials_per_participant):
+        if i not in done:
+            return i
+    return None
+
+
+def record_answer(study: Study, participant_id: str, trial: Trial, chosen_position: int,
+                  response_ms: int | None = None) -> AnswerOutcome:
+    """Store the answer to ``trial`` now (one committed statement). Correctness is computed here
+    from the trial, never taken from the client. A repeated answer is ignored."""
+    pid = _check_participant(participant_id)
+    if not 0 <= int(chosen_position) < len(trial.crop_ids):
+        raise ExplorerError(f"Chosen position must be 0..{len(trial.crop_ids) - 1}")
+    if not 0 <= trial.index < study.trials_per_participant:
+        raise ExplorerError("This trial does not belong to the study")
+    correct = int(chosen_position) == trial.intruder_position
+    db = _db(study.path)
+    with db.cursor() as cur:
+        cur.execute("INSERT INTO participants VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                    [study.study_id, pid, _now()])
+        res = cur.execute(
+            "INSERT INTO answers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT DO NOTHING RETURNING correct",
+            [study.study_id, pid, trial.index, trial.class_idx, trial.concept,
+             trial.intruder_concept, list(trial.crop_ids), trial.intruder_position,
+             int(chosen_position), correct, _now(),
+             None if response_ms is None else int(response_ms)]).fetchall()
+        if res:
+            return AnswerOutcome(True, bool(res[0][0]), trial.index)
+        old = cur.execute("SELECT correct FROM answers WHERE study_id = ? AND participant_id = ? "
+                          "AND trial_index = ?", [study.study_id, pid, trial.index]).fetchone()
+    return AnswerOutcome(False, bool(old[0]) if old else correct, trial.index)
+
+
+# --------------------------------------------------------------------------------------------
+# results
+
+
+_ANSWER_COLS = ("study_id", "participant_id", "trial_index", "class", "concept",
+                "intruder_concept", "crop_ids", "intruder_position", "chosen_position",
+                "correct", "answered_at", "response_ms")
+
+
+def answers(study: Study, participant_id: str | None = None) -> list[dict[str, Any]]:
+    """Stored answers (all, or one participant's), ordered by participant and trial."""
+    db = _db(study.path)
+    sql = f"SELECT {', '.join(_ANSWER_COLS)} FROM answers WHERE study_id = ?"
+    args: list[Any] = [study.study_id]
+    if participant_id is not None:
+        sql += " AND participant_id = ?"
+        args.append(participant_id)
+    with db.cursor() as cur:
+        rows = cur.execute(sql + " ORDER BY participant_id, trial_index", args).fetchall()
+    return [dict(zip(_ANSWER_COLS, r)) for r in rows]
+
+
+def study_results(study: Study, class_names: Sequence[str] | None = None) -> StudyResults:
+    """Accuracy overall, per participant and per class (Wilson 95 % CI, binomial p vs 20 %)."""
+    db = _db(study.path)
+    with db.cursor() as cur:
+        k, n = cur.execute("SELECT coalesce(sum(correct::INT), 0), count(*) FROM answers "
+                           "WHERE study_id = ?", [study.study_id]).fetchone()
+        per_p = cur.execute("SELECT participant_id, sum(correct::INT), count(*) FROM answers "
+                            "WHERE study_id = ? GROUP BY 1 ORDER BY 1",
+                            [study.study_id]).fetchall()
+        per_c = cur.execute("SELECT class, sum(correct::INT), count(*) FROM answers "
+                            "WHERE study_id = ? GROUP BY 1 ORDER BY 1",
+                            [study.study_id]).fetchall()
+
+    def cname(c: int) -> str:
+        return class_names[c] if class_names and 0 <= c < len(class_names) else f"class {c}"
+
+    return StudyResults(_stat("overall", int(k), int(n)),
+                        [_stat(p, int(a), int(b)) for p, a, b in per_p],
+                        [_stat(cname(int(c)), int(a), int(b)) for c, a, b in per_c])
+
+
+def answers_csv(study: Study) -> str:
+    """All answers of the study as CSV text (crop ids joined by ';')."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(_ANSWER_COLS)
+    for row in answers(study):
+        vals = [row[c] for c in _ANSWER_COLS]
+        vals[_ANSWER_COLS.index("crop_ids")] = ";".join(str(x) for x in row["crop_ids"])
+        vals[_ANSWER_COLS.index("answered_at")] = row["answered_at"].isoformat()
+        w.writerow(vals)
+    return buf.getvalue()
+
+
+def export_answers_csv(study: Study, path: str | Path) -> Path:
+    """Write :func:`answers_csv` to ``path``."""
+    p = Path(path)
+    p.write_text(answers_csv(study))
+    return p

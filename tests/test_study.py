@@ -1,0 +1,171 @@
+"""Intruder study storage, trials and statistics (explainer.study), no model needed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+from types import SimpleNamespace
+
+import duckdb
+import numpy as np
+import pytest
+
+from explainer import study as S
+from explainer.errors import ExplorerError
+
+
+def _crops(n_classes: int = 3, n_concepts: int = 4, m: int = 8) -> dict[int, list[list[int]]]:
+    # crop ids encode class/concept/rank so a test can tell where a crop came from
+    return {c: [[c * 1000 + k * 100 + r for r in range(m)] for k in range(n_concepts)]
+            for c in range(n_classes)}
+
+
+@pytest.fixture()
+def study(tmp_path):
+    st = S.create_study_from_crops(tmp_path / "study.duckdb", "ws", _crops(),
+                                   trials_per_participant=20, seed=7)
+    yield st
+    S.close_all()
+
+
+def test_trials_are_deterministic_and_well_formed(study):
+    t1 = S.trials_for(study, "alice")
+    t2 = S.trials_for(study, "alice")
+    t3 = S.trials_for(study, "bob")
+    assert t1 == t2
+    assert [t.crop_ids for t in t1] != [t.crop_ids for t in t3]
+    assert len(t1) == 20
+    for t in t1:
+        assert len(t.crop_ids) == 5 and len(set(t.crop_ids)) == 5
+        assert t.concept != t.intruder_concept
+        for pos, cid in enumerate(t.crop_ids):
+            cls, concept = cid // 1000, (cid % 1000) // 100
+            assert cls == t.class_idx
+            assert concept == (t.intruder_concept if pos == t.intruder_position else t.concept)
+    # positions and classes vary
+    assert len({t.intruder_position for t in t1}) >= 3
+    assert len({t.class_idx for t in t1}) >= 2
+
+
+def test_answers_are_unique_durable_and_resume(study, tmp_path):
+    trials = S.trials_for(study, "alice")
+    out = S.record_answer(study, "alice", trials[0], trials[0].intruder_position, 900)
+    assert out.stored and out.correct
+    dup = S.record_answer(study, "alice", trials[0], (trials[0].intruder_position + 1) % 5, 5)
+    assert not dup.stored and dup.correct  # the first answer stands
+    S.record_answer(study, "alice", trials[1], (trials[1].intruder_position + 1) % 5)
+    assert S.next_trial_index(study, "alice") == 2
+    S.close_all()
+    # a fresh process (like a restarted server) sees both answers
+    con = duckdb.connect(str(tmp_path / "study.duckdb"), read_only=True)
+    rows = con.execute("SELECT trial_index, correct, len(crop_ids) FROM answers "
+                       "ORDER BY trial_index").fetchall()
+    con.close()
+    assert rows == [(0, True, 5), (1, False, 5)]
+    again = S.study_by_token(tmp_path / "study.duckdb", study.token)
+    assert again is not None and S.next_trial_index(again, "alice") == 2
+    assert S.trials_for(again, "alice") == trials
+
+
+def test_answer_survives_killed_process(tmp_path):
+    path = tmp_path / "study.duckdb"
+    st = S.create_study_from_crops(path, "ws", _crops(), trials_per_participant=5, seed=1)
+    token = st.token
+    S.close_all()
+    code = textwrap.dedent(f"""
+        import os
+        from explainer import study as S
+        st = S.study_by_token({str(path)!r}, {token!r})
+        t = S.trials_for(st, "p1")[0]
+        S.record_answer(st, "p1", t, 0, 10)
+        os._exit(9)  # no clean close: the commit must already be durable
+    """)
+    subprocess.run([sys.executable, "-c", code], check=False, timeout=120)
+    st2 = S.study_by_token(path, token)
+    assert [a["trial_index"] for a in S.answers(st2)] == [0]
+
+
+def test_concurrent_writers_one_process(study):
+    errors = []
+
+    def worker(pid: str) -> None:
+        try:
+            for t in S.trials_for(study, pid):
+                S.record_answer(study, pid, t, t.intruder_position, 1)
+                S.record_answer(study, pid, t, 0, 1)  # double click
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(f"p{i}",)) for i in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+    assert len(S.answers(study)) == 8 * 20
+    res = S.study_results(study)
+    assert res.overall.n == 160 and res.overall.correct == 160
+
+
+def test_statistics():
+    lo, hi = S.wilson_interval(77, 100)
+    assert lo == pytest.approx(0.67846, abs=1e-4) and hi == pytest.approx(0.84157, abs=1e-4)
+    assert S.wilson_interval(0, 0) == (0.0, 1.0)
+    # P(X >= 3 | n=5, p=0.2) = 0.05792
+    assert S.binomial_p_greater(3, 5) == pytest.approx(0.05792, abs=1e-5)
+    assert S.binomial_p_greater(0, 5) == 1.0
+
+
+def test_results_and_csv(study):
+    t = S.trials_for(study, "a")
+    S.record_answer(study, "a", t[0], t[0].intruder_position)
+    S.record_answer(study, "a", t[1], (t[1].intruder_position + 1) % 5)
+    t = S.trials_for(study, "b")
+    S.record_answer(study, "b", t[0], t[0].intruder_position)
+    res = S.study_results(study, class_names=["x", "y", "z"])
+    assert (res.overall.n, res.overall.correct) == (3, 2)
+    assert {(p.label, p.n, p.correct) for p in res.per_participant} == {("a", 2, 1),
+                                                                          ("b", 1, 1)}
+    assert sum(c.n for c in res.per_class) == 3
+    assert all(c.label in ("x", "y", "z") for c in res.per_class)
+    text = S.answers_csv(study)
+    lines = text.strip().splitlines()
+    assert lines[0].startswith("study_id,participant_id,trial_index")
+    assert len(lines) == 4
+
+
+def test_bad_inputs(tmp_path, study):
+    with pytest.raises(ExplorerError, match="two concepts"):
+        S.create_study_from_crops(tmp_path / "x.duckdb", "ws", {0: [[1, 2, 3, 4]]})
+    with pytest.raises(ExplorerError, match="Participant id"):
+        S.register_participant(study, "")
+    with pytest.raises(ExplorerError, match="unknown"):
+        S.find_study_by_token("nonexistent", [SimpleNamespace(root=tmp_path)])
+    with pytest.raises(ExplorerError, match="malformed"):
+        S.find_study_by_token("a b", [])
+
+
+def test_create_study_uses_explain_once_per_class(tmp_path):
+    from explainer.results import Concept, CropRef, Explanation
+
+    calls = []
+
+    def fake_explain(ws, cls, **kw):
+        calls.append((cls, kw["n_concepts"]))
+        concepts = []
+        for k in range(kw["n_concepts"]):
+            refs = [CropRef(cls * 1000 + k * 100 + r, 0, "p", 0, 0, (0, 0, 1, 1), 0, 1.0, 0, 1.0)
+                    for r in range(kw["m"])]
+            concepts.append(Concept(k, np.ones(3), 0.25, refs, refs[::-1]))
+        return Explanation("demo", "l", cls, None, {}, [], concepts, np.zeros((0, 4, 1, 1)), 0.0)
+
+    ws = SimpleNamespace(root=tmp_path, name="ws")
+    st = S.create_study(ws, [2, 5], n_concepts=3, trials_per_participant=4, explain=fake_explain)
+    assert calls == [(2, 3), (5, 3)]
+    assert sorted(st.concept_crops) == [2, 5]
+    assert st.concept_crops[5][1] == [5100 + r for r in range(8)]
+    found_ws, found = S.find_study_by_token(st.token, [ws])
+    assert found.study_id == st.study_id
+    S.close_all()
