@@ -224,12 +224,6 @@ def build_catalog(ws: Workspace, *, batch_size: int = 32, device: str = "auto",
     if ws.mode not in ("crop", "cell"):
         raise ExplorerError(f"Unknown embedding mode '{ws.mode}'; use crop or cell")
     folder = ImageFolder(ws.images_path)
-    entries = folder.entries if limit is None else folder.entries[:max(0, int(limit))]
-    if not entries:
-        raise ExplorerError(f"No images (jpg, jpeg, png, bmp, gif, webp, tif, tiff) found under "
-                            f"'{ws.images_path}'")
-    total = len(entries)
-    fp = _fingerprint(entries)
     ws.root.mkdir(parents=True, exist_ok=True)
     ws.index_dir.mkdir(parents=True, exist_ok=True)
     if rebuild:
@@ -239,6 +233,14 @@ def build_catalog(ws: Workspace, *, batch_size: int = 32, device: str = "auto",
     try:
         con.execute(_SCHEMA)
         meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
+        if limit is None and meta.get("limit"):  # resuming a limited build: same limit
+            limit = int(meta["limit"])
+        entries = folder.entries if limit is None else folder.entries[:max(0, int(limit))]
+        if not entries:
+            raise ExplorerError(f"No images (jpg, jpeg, png, bmp, gif, webp, tif, tiff) found "
+                                f"under '{ws.images_path}'")
+        total = len(entries)
+        fp = _fingerprint(entries)
         want = {"schema": SCHEMA_VERSION, "model": lm.spec, "layer": ws.layer, "mode": ws.mode,
                 "input_size": str(lm.input_size), "fingerprint": fp, "n_files": str(total),
                 "chunk_size": str(chunk_size)}
@@ -261,7 +263,8 @@ def build_catalog(ws: Workspace, *, batch_size: int = 32, device: str = "auto",
         else:
             con.execute("BEGIN TRANSACTION")
             for k, v in {**want, "dim": str(info.shape[0]), "complete": "false",
-                         "images_root": str(ws.images_path)}.items():
+                         "images_root": str(ws.images_path),
+                         "limit": "" if limit is None else str(int(limit))}.items():
                 con.execute("INSERT INTO meta VALUES (?, ?)", [k, v])
             con.execute("COMMIT")
 
