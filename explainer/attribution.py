@@ -1,0 +1,197 @@
+"""Stage 1 of the method (method.md §1 steps 2-4): layer activations, their attribution
+towards a logit, the per-pixel score and the pixel matrix.
+
+Every function takes batches; nothing runs at batch size 1.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import ExplorerError
+from .hooks import attribution_copy
+from .models import LoadedModel, capture_layer
+
+__all__ = [
+    "METHODS",
+    "VARIANTS",
+    "attribute",
+    "pixel_scores",
+    "scale_by_scores",
+    "pixel_rows",
+    "contrast_filter",
+    "check_nonnegative",
+]
+
+METHODS = ("deeplift", "grad_x_act", "deeplift_smoothgrad")
+VARIANTS = ("paper", "reference")
+SMOOTHGRAD_SAMPLES = 20
+SMOOTHGRAD_STDEV = 0.25
+
+_copies: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
+
+
+def _attribution_model(lm: LoadedModel) -> nn.Module:
+    """The model copy with unshared, non-inplace activations (made once per model)."""
+    clone = _copies.get(lm.model)
+    if clone is None:
+        clone = attribution_copy(lm.model)
+        _copies[lm.model] = clone
+    return clone
+
+
+def check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ExplorerError(f"Unknown attribution method '{method}'; use one of "
+                            f"{', '.join(METHODS)}")
+
+
+def check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ExplorerError(f"Unknown variant '{variant}'; use 'paper' (s = mean of the "
+                            "attribution) or 'reference' (s = mean of relu(attribution))")
+
+
+def attribute(lm: LoadedModel, pixels: torch.Tensor, layer: str, targets: Sequence[int] | torch.Tensor,
+              method: str = "deeplift", *, batch_size: int = 32,
+              progress: Callable[[int, int], None] | None = None,
+              return_delta: bool = False
+              ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Activations of ``layer`` and their attribution towards logit ``targets[i]``.
+
+    Parameters
+    ----------
+    pixels : (B, 3, S, S) float in [0, 1]
+        Images (normalised here).
+    targets : (B,) int
+        Logit index per image (images of different classes can share a batch).
+    method : ``deeplift`` | ``grad_x_act`` | ``deeplift_smoothgrad``
+        captum ``LayerDeepLift`` (baseline: white image), ``LayerGradientXActivation``, or
+        ``NoiseTunnel`` smoothgrad (20 samples, stdev 0.25) over ``LayerDeepLift``.
+    progress : callable(done, total), optional
+
+    Returns
+    -------
+    activations : (B, C, h, w) float32, CPU
+    attributions : (B, C, h, w) float32, CPU
+    delta : (B,) float32, CPU, only with ``return_delta`` (DeepLift's convergence delta
+        ``sum(attr) - (f(x) - f(baseline))``).
+    """
+    from captum.attr import LayerDeepLift, LayerGradientXActivation, NoiseTunnel
+
+    check_method(method)
+    lm.module(layer)  # validates the name
+    model = _attribution_model(lm)
+    module = dict(model.named_modules())[layer]
+    targets = torch.as_tensor(np.asarray(targets), dtype=torch.long)
+    n = len(pixels)
+    if len(targets) != n:
+        raise ValueError(f"{n} images but {len(targets)} targets")
+    if return_delta and method != "deeplift":
+        raise ValueError("return_delta needs method='deeplift'")
+    if method == "deeplift_smoothgrad":
+        batch_size = max(2, batch_size // 4)  # 20 noisy copies each
+    acts_out, attr_out, delta_out = [], [], []
+    for start in range(0, n, batch_size):
+        x = lm.normalize(pixels[start:start + batch_size].to(lm.device, torch.float32))
+        x.requires_grad_(True)  # DeepLift hooks tensors upstream of the layer too
+        t = targets[start:start + batch_size].to(lm.device)
+        b = len(x)
+        if method == "grad_x_act":
+            with capture_layer(model, module) as store:
+                attr = LayerGradientXActivation(model, module).attribute(x, target=t)
+            acts = store["out"].detach()
+        elif method == "deeplift":
+            base = lm.white_baseline(x.shape)
+            with capture_layer(model, module) as store:
+                res = LayerDeepLift(model, module).attribute(
+                    x, baselines=base, target=t, return_convergence_delta=return_delta)
+            attr, delta = (res if return_delta else (res, None))
+            acts = store["out"].detach()
+            acts = acts[:b] if len(acts) == 2 * b else None  # captum forwards cat(x, baseline)
+            if acts is None:
+                with torch.inference_mode():
+                    _, acts = _forward_acts(model, module, x)
+            if delta is not None:
+                delta_out.append(delta.detach().float().cpu())
+        else:
+            nt = NoiseTunnel(LayerDeepLift(model, module))
+            attr = nt.attribute(x, baselines=lm.white_baseline(x.shape), target=t,
+                                nt_type="smoothgrad", nt_samples=SMOOTHGRAD_SAMPLES,
+                                stdevs=SMOOTHGRAD_STDEV, nt_samples_batch_size=4)
+            with torch.inference_mode():
+                _, acts = _forward_acts(model, module, x)
+        if isinstance(attr, tuple):
+            attr = attr[0]
+        acts_out.append(acts.float().cpu().clone())
+        attr_out.append(attr.detach().float().cpu())
+        if progress is not None:
+            progress(min(start + b, n), n)
+    if not acts_out:
+        raise ExplorerError("No images to attribute")
+    result = (torch.cat(acts_out), torch.cat(attr_out))
+    if return_delta:
+        return (*result, torch.cat(delta_out))
+    return result
+
+
+def _forward_acts(model: nn.Module, module: nn.Module, x: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    with capture_layer(model, module) as store:
+        logits = model(x)
+    return logits, store["out"]
+
+
+def check_nonnegative(acts: torch.Tensor, layer: str, clamp: bool) -> tuple[torch.Tensor, str | None]:
+    """Activations must be non-negative (a post-ReLU layer). Negative values raise
+    :class:`ExplorerError` unless ``clamp``; then they are clamped and a warning text returned."""
+    neg = int((acts < 0).sum())
+    if neg == 0:
+        return acts, None
+    share = neg / acts.numel()
+    if not clamp:
+        raise ExplorerError(f"Layer '{layer}' has negative activations ({share:.1%} of values); "
+                            "NMF needs non-negative ones. Pick a post-ReLU layer or pass "
+                            "clamp=True (--clamp) to clamp them to zero")
+    return acts.clamp_min(0), (f"Layer '{layer}' had negative activations ({share:.1%} of "
+                               "values); they were clamped to zero")
+
+
+def pixel_scores(attributions: torch.Tensor, variant: str = "paper") -> torch.Tensor:
+    """Per-pixel score ``s`` (B, h, w): mean over channels of the attribution (``paper``) or of
+    ``relu(attribution)`` (``reference``, the authors' scripts)."""
+    check_variant(variant)
+    if variant == "reference":
+        attributions = attributions.clamp_min(0)
+    return attributions.mean(dim=1)
+
+
+def scale_by_scores(activations: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Filter-and-scale (method.md §1.3): ``a' = a * max(s, 0)``; ``a`` (B, C, h, w),
+    ``s`` (B, h, w). Pixels with ``s <= 0`` become zero."""
+    return activations * scores.clamp_min(0).unsqueeze(1)
+
+
+def pixel_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every pixel of every image as a row: (B, C, h, w) -> V (B*h*w, C) with all-zero rows
+    dropped, and the boolean keep-mask (B*h*w,) in (image, y, x) order."""
+    rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+    keep = (rows != 0).any(dim=1)
+    return rows[keep], keep
+
+
+def contrast_filter(activations: torch.Tensor, scores: torch.Tensor, fraction: float = 0.25
+                    ) -> torch.Tensor:
+    """Contrast pixels of one class (method.md §4): keep pixels with ``s > 0`` and
+    ``s >= fraction * max(s over that image)``; return their *unscaled* activation vectors
+    (k, C). (The authors' scripts let negative-score pixels pass when an image's max is < 0;
+    here ``s > 0`` is enforced.)"""
+    smax = scores.flatten(1).max(dim=1).values.view(-1, 1, 1)
+    keep = (scores > 0) & (scores >= fraction * smax)
+    rows = activations.permute(0, 2, 3, 1)[keep]
+    return rows.reshape(-1, activations.shape[1])
