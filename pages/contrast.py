@@ -1,0 +1,137 @@
+"""Contrast class A against class B (paper §5): the A-vs-B linear classifier, the contrasted
+concepts with their prediction test, and the hyperplane shifting test (§5.2.1)."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from pages import _ui
+
+st.title("⚖️ Contrast two classes")
+ws, cat, lm = _ui.context()
+counts = _ui.class_counts(ws)
+names = lm.class_names
+
+with st.sidebar:
+    st.header("Settings")
+    a = _ui.class_picker("Class A (explained)", names, counts, key="co_a", url_key="a")
+    b = _ui.class_picker("Class B (contrasted against)", names, counts, key="co_b",
+                         url_key="b", exclude=a)
+    _ui.init_widget("co_n", _ui.int_qp("n", 4, 1, 10))
+    n = st.slider("Concepts", 1, 10, key="co_n")
+    method_q = _ui.qp("method", "deeplift")
+    _ui.init_widget("co_method", method_q if method_q in _ui.METHODS else "deeplift")
+    method = st.selectbox("Attribution method", _ui.METHODS, key="co_method")
+    _ui.init_widget("co_images", _ui.int_qp("images", 500, 1, 100000))
+    max_images = st.number_input("Images per class (at most)", 1, 100000, step=50,
+                                 key="co_images")
+    _ui.init_widget("co_seed", _ui.int_qp("seed", 0, 0))
+    seed = st.number_input("Seed", 0, 2**31 - 1, key="co_seed")
+    _ui.set_qp(n=n, method=method, images=int(max_images), seed=int(seed))
+
+key = ("contrast", str(ws.root), ws.model, ws.layer, int(a), int(b), int(n), method,
+       int(max_images), int(seed), 8)
+explanation = _ui.results_store().get(key)
+st.markdown(f"**{names[a]}** ({counts.get(a, 0)} images) against **{names[b]}** "
+            f"({counts.get(b, 0)} images) · {n} concepts · `{method}` · layer `{ws.layer}`")
+first_visit = "co_seen" not in st.session_state
+st.session_state["co_seen"] = True
+auto = first_visit and st.query_params.get("run") == "1"
+run = explanation is None and st.button("Contrast", type="primary", key="co_run")
+if explanation is None and (run or auto):
+    with _ui.guard(f"contrasting {names[a]} against {names[b]}"):
+        from explainer.contrast import contrast_classes
+
+        prog = _ui.Progress(f"Contrasting {names[a]} against {names[b]}")
+        explanation = _ui.computed(key, lambda: contrast_classes(
+            ws, int(a), int(b), n_concepts=int(n), method=method, max_images=int(max_images),
+            seed=int(seed), m=8, progress=prog, cache=True))
+        prog.done()
+if explanation is None:
+    _ui.set_qp(run=None)
+    st.info("Press **Contrast** to train the A-vs-B classifier and compute the contrasted "
+            "concepts (cached on disk).")
+    st.stop()
+_ui.set_qp(run=1)
+for w in explanation.warnings:
+    st.warning(w)
+
+clf = explanation.classifier
+if clf is not None:
+    c = st.columns(4)
+    c[0].metric("Classifier accuracy", f"{clf.accuracy:.1%}",
+                help="A-vs-B linear classifier on the training pixels (label 1 = A)")
+    c[1].metric("Pixels A / B", f"{clf.n_pixels_a} / {clf.n_pixels_b}")
+    c[2].metric("Solver", f"{clf.solver}")
+    c[3].metric("Training time", f"{clf.seconds:.2f}s")
+
+_ui.init_widget("co_excl", _ui.bool_qp("excl"))
+excl = st.toggle("Exclude target-class crops", key="co_excl")
+_ui.set_qp(excl=int(excl))
+pt = explanation.prediction_test_excluded if excl else explanation.prediction_test
+st.subheader("Prediction test of the contrasted explanation")
+if pt is not None:
+    _ui.prediction_mark(pt, lm)
+st.subheader("Contrasted concepts")
+_ui.concept_grid(ws, lm, explanation, excl, "co")
+
+# ---- shifting test ---------------------------------------------------------------------------
+st.subheader("Shifting test")
+st.caption("Images predicted as B; the layer's output becomes relu(a + t·w), w the A-vs-B normal "
+           "pointing to A (paper §5.2.1). The curve shows the mean softmax of A and B per offset.")
+if clf is None:
+    st.info("This result has no classifier; the shifting test needs one.")
+    st.stop()
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _images_b(root: str, gen: int, b: int, limit: int) -> list[int]:
+    return _ui.open_catalog_root(root).images_predicted_as(int(b))[:limit]
+
+
+with _ui.guard("running the shifting test"):
+    from explainer.faithfulness import SHIFT_OFFSETS, shift_test
+
+    n_shift = st.slider("Images of B used", 1, 256, 64, key="co_shift_n")
+    ids_b = _images_b(str(ws.root), _ui.catalog_generation(), int(b), int(n_shift))
+    skey = ("shift", key, tuple(ids_b))
+    shift = _ui.results_store().get(skey)
+    if shift is None:
+        with st.spinner(f"Shifting {len(ids_b)} images of {names[b]} over {len(SHIFT_OFFSETS)} "
+                        "offsets…"):
+            pix = cat.image_pixels(ids_b, lm)
+            shift = _ui.results_store().put(skey, shift_test(
+                lm, ws.layer, pix, clf.weight, int(a), int(b), SHIFT_OFFSETS, image_ids=ids_b))
+    import plotly.graph_objects as go
+
+    xs = [f"{t:g}" for t in shift.offsets]
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=xs, y=shift.mean_prob_a, mode="lines+markers",
+                             name=f"P({names[a]}) (A)"))
+    fig.add_trace(go.Scatter(x=xs, y=shift.mean_prob_b, mode="lines+markers",
+                             name=f"P({names[b]}) (B)"))
+    fig.update_layout(xaxis_title="offset t (categorical)", yaxis_title="mean softmax",
+                      yaxis_range=[0, 1], height=340, margin=dict(l=10, r=10, t=30, b=10))
+    st.plotly_chart(fig, key="co_shift_chart")
+    m = st.columns(3)
+    m[0].metric("P(A) at t=0", f"{shift.default_prob_a:.3f}")
+    m[1].metric("max P(A)", f"{shift.max_prob_a:.3f}")
+    m[2].metric("best offset", f"{shift.best_offset:g}")
+
+    t = st.select_slider("Offset t", options=list(shift.offsets), key="co_offset",
+                         value=shift.best_offset)
+    sample = ids_b[:8]
+    sp_key = ("shift_one", key, tuple(sample), float(t))
+    per_image = _ui.results_store().get(sp_key)
+    if per_image is None:
+        pix = cat.image_pixels(sample, lm)
+        per_image = _ui.results_store().put(sp_key, [
+            shift_test(lm, ws.layer, pix[i:i + 1], clf.weight, int(a), int(b), [float(t)])
+            for i in range(len(sample))])
+    cols = st.columns(max(1, len(sample)))
+    for col, image_id, r in zip(cols, sample, per_image):
+        pa, pb = r.mean_prob_a[0], r.mean_prob_b[0]
+        col.image(_ui.upscale(_ui.image_pic(ws, image_id), 128), width=128,
+                  caption=f"image {image_id}")
+        col.markdown(f"P(A) **{pa:.2f}**  \nP(B) {pb:.2f}  \n"
+                     f"{'→ A' if pa > pb else 'stays B'}")

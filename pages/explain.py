@@ -1,0 +1,84 @@
+"""Explain one class (paper §4): its concepts as the nearest crops, heatmaps over the source
+images, and the prediction test (PASS/FAIL)."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from pages import _ui
+
+st.title("🧩 Explain a class")
+ws, cat, lm = _ui.context()
+counts = _ui.class_counts(ws)
+names = lm.class_names
+
+with st.sidebar:
+    st.header("Settings")
+    cls = _ui.class_picker("Class A (type to search)", names, counts, key="ex_class",
+                           url_key="a")
+    _ui.init_widget("ex_n", _ui.int_qp("n", 4, 1, 10))
+    n = st.slider("Concepts", 1, 10, key="ex_n")
+    method_q = _ui.qp("method", "deeplift")
+    _ui.init_widget("ex_method", method_q if method_q in _ui.METHODS else "deeplift")
+    method = st.selectbox("Attribution method", _ui.METHODS, key="ex_method")
+    _ui.init_widget("ex_images", _ui.int_qp("images", 500, 1, 100000))
+    max_images = st.number_input("Images (at most)", 1, 100000, step=50, key="ex_images",
+                                 help="Images predicted as the class, chosen with the seed "
+                                      "(paper: 500)")
+    _ui.init_widget("ex_seed", _ui.int_qp("seed", 0, 0))
+    seed = st.number_input("Seed", 0, 2**31 - 1, key="ex_seed")
+    _ui.set_qp(n=n, method=method, images=int(max_images), seed=int(seed))
+
+key = ("explain", str(ws.root), ws.model, ws.layer, int(cls), int(n), method, int(max_images),
+       int(seed), 8)
+explanation = _ui.results_store().get(key)
+st.markdown(f"**{names[cls]}** · {counts.get(cls, 0)} images predicted as it · "
+            f"{n} concepts · `{method}` · layer `{ws.layer}`")
+run = explanation is None and st.button("Explain", type="primary", key="ex_run")
+first_visit = "ex_seen" not in st.session_state
+st.session_state["ex_seen"] = True
+auto = first_visit and st.query_params.get("run") == "1"  # a shared link of a computed view
+if explanation is None and (run or auto):
+    with _ui.guard(f"explaining {names[cls]}"):
+        from explainer.concepts import explain_class
+
+        prog = _ui.Progress(f"Explaining {names[cls]}")
+        explanation = _ui.computed(key, lambda: explain_class(
+            ws, int(cls), n_concepts=int(n), method=method, max_images=int(max_images),
+            seed=int(seed), m=8, progress=prog, cache=True))
+        prog.done()
+
+if explanation is None:
+    _ui.set_qp(run=None)
+    st.info("Press **Explain** to compute the concepts (results are cached on disk, so a "
+            "repeated run loads instantly).")
+    st.stop()
+
+_ui.set_qp(run=1)
+for w in explanation.warnings:
+    st.warning(w)
+_ui.init_widget("ex_excl", _ui.bool_qp("excl"))
+excl = st.toggle("Exclude target-class crops (crop or source image predicted as the class)",
+                 key="ex_excl")
+_ui.set_qp(excl=int(excl))
+
+pt = explanation.prediction_test_excluded if excl else explanation.prediction_test
+st.subheader("Prediction test")
+if pt is not None:
+    _ui.prediction_mark(pt, lm)
+else:
+    st.info("No prediction test in this result.")
+
+st.subheader("Concepts")
+st.caption(f"{explanation.n_concepts} concepts from {len(explanation.image_ids)} images; "
+           f"the 8 nearest crops (cosine) per concept; NMF relative error "
+           f"{explanation.reconstruction_error:.3f}"
+           + (f"; {sum(explanation.timings.values()):.1f}s" if explanation.timings else ""))
+_ui.concept_grid(ws, lm, explanation, excl, "ex")
+
+st.subheader("Concept heatmaps over source images")
+with st.expander("Show heatmaps (NMF concept strength per pixel; ours, not the paper's)"):
+    k = st.slider("Source images", 1, max(1, min(24, len(explanation.image_ids))),
+                  min(4, max(1, len(explanation.image_ids))), key="ex_hm_n")
+    with _ui.guard("drawing heatmaps"):
+        _ui.heatmaps(ws, lm, explanation, k)

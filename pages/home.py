@@ -1,0 +1,151 @@
+"""Workspace page: open a workspace (``demo`` by default, created on first start) or create one;
+build or resume its catalog with a progress bar; show its status."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+from explainer.errors import ExplorerError
+from pages import _ui
+
+st.title("🧩 Concept explorer")
+st.caption("Concept based explanations and class contrasting (Herdt & Otero Baguer): pick a "
+           "workspace, then explain a class, contrast two classes, test hypotheses or run an "
+           "intruder study.")
+_ui.restore_shared()
+
+names = _ui.workspace_names()
+current = _ui.qp("ws", _ui.DEFAULT_WORKSPACE) or _ui.DEFAULT_WORKSPACE
+if current not in names:
+    names.append(current)
+_ui.init_widget("home_ws", current)
+if st.session_state["home_ws"] not in names:
+    st.session_state["home_ws"] = current
+col_ws, col_new = st.columns([2, 1])
+name = col_ws.selectbox("Workspace", names, key="home_ws",
+                        help="Workspaces live under $CONCEPT_EXPLORER_HOME (default ./workspaces)")
+if name != _ui.qp("ws"):
+    # another workspace: forget the classes of the previous one
+    _ui.set_qp(ws=name, a=None, b=None)
+
+
+def _build(ws) -> None:
+    from data_index.catalog import build_catalog
+
+    st.session_state["building"] = str(ws.root)
+    prog = _ui.Progress(f"Building the catalog of '{ws.name}'")
+    stats = build_catalog(ws, progress=prog)
+    prog.done()
+    st.session_state.pop("building", None)
+    _ui.bump_catalog_generation()
+    st.success(f"Catalog complete: {stats.n_images} images, {stats.n_crops} crops, "
+               f"{stats.n_skipped} skipped ({stats.seconds:.0f}s"
+               f"{', resumed ' + str(stats.chunks_resumed) + ' chunks' if stats.chunks_resumed else ''}).")
+
+
+def _status(ws) -> None:
+    cat = _ui.open_catalog(ws)
+    s = cat.status()
+    lm = _ui.load_model_cached(ws.model, ws.device)
+    c = st.columns(4)
+    c[0].metric("Images", s["images"])
+    c[1].metric("Crops", s["crops"])
+    c[2].metric("Skipped files", s["skipped"])
+    c[3].metric("Classes predicted", len(s["predicted_counts"]))
+    st.caption(f"model `{ws.model}` · layer `{ws.layer}` · input {ws.input_size}px · "
+               f"embedding mode `{ws.mode}` · images `{ws.images_path}` · built "
+               f"{s.get('built_at') or '?'}")
+    counts = s["predicted_counts"]
+    if counts:
+        import plotly.express as px
+
+        rows = sorted(((_ui.class_name(lm, k), v) for k, v in counts.items()),
+                      key=lambda r: -r[1])
+        fig = px.bar(x=[r[0] for r in rows[:60]], y=[r[1] for r in rows[:60]],
+                     labels={"x": "predicted class", "y": "images"},
+                     title="Images per predicted class" + (" (top 60)" if len(rows) > 60 else ""))
+        fig.update_layout(height=320, margin=dict(l=10, r=10, t=40, b=10))
+        st.plotly_chart(fig, key="home_counts")
+    if s["skipped"]:
+        with st.expander(f"{s['skipped']} skipped files"):
+            st.dataframe([{"path": p, "reason": r} for p, r in cat.skipped()],
+                         hide_index=True)
+    st.page_link("pages/explain.py", label="Explain a class →", icon="🧩")
+
+
+def _show(name: str) -> None:
+    from data_index.workspace import Workspace
+
+    if name == _ui.DEFAULT_WORKSPACE and not _ui.demo_ready():
+        _ui.ensure_demo()
+    ws = Workspace.open(name)
+    try:
+        _ui.open_catalog(ws)
+        complete = True
+    except ExplorerError as err:
+        complete = False
+        st.warning(f"{err}", icon="🛠️")
+    if not complete:
+        resume = st.session_state.get("building") == str(ws.root)
+        if resume:
+            st.info("Resuming the catalog build you started (it continues where it stopped).")
+        if resume or st.button("Build / resume the catalog", type="primary", key="home_build"):
+            _build(ws)
+            complete = True
+    if complete:
+        _status(ws)
+
+
+with _ui.guard("opening the workspace"):
+    _show(name)
+
+
+# --------------------------------------------------------------------------------------------
+st.divider()
+with st.expander("➕ Create a workspace", expanded=False):
+    from explainer.models import KNOWN_SPECS
+
+    st.caption("Model specs: " + ", ".join(f"`{s}`" for s in KNOWN_SPECS))
+    new_name = st.text_input("Name", key="new_name", placeholder="my-photos")
+    spec = st.text_input("Model spec", key="new_spec", value="efficientnet_lite0")
+    layer = None
+    lm = None
+    if spec:
+        with _ui.guard("loading the model"):
+            lm = _ui.load_model_cached(spec.strip(), "auto")
+            layers = [l for l in lm.candidate_layers()]
+            labels = {l.name: l.label() for l in layers}
+            rec = lm.recommended_layer if lm.recommended_layer in labels else layers[-1].name
+            options = [l.name for l in layers]
+            layer = st.selectbox("Layer (post-ReLU, spatial; deeper is better)", options,
+                                 index=options.index(rec), format_func=labels.get,
+                                 key="new_layer")
+    images = st.text_input("Image folder", key="new_images", placeholder="/data/photos")
+    c1, c2, c3 = st.columns(3)
+    mode = c1.selectbox("Crop embedding", ["crop", "cell"], key="new_mode",
+                        help="crop: each crop through the model (paper); cell: pooled cells "
+                             "of one forward (faster)")
+    seed = c2.number_input("Seed", 0, 2**31 - 1, 0, key="new_seed")
+    device = c3.selectbox("Device", ["auto", "cpu", "cuda"], key="new_device")
+    if st.button("Create workspace and build its catalog", key="new_create", type="primary"):
+        with _ui.guard("creating the workspace"):
+            from data_index.workspace import Workspace
+
+            if not new_name:
+                raise ExplorerError("Give the workspace a name (letters, digits, '_', '-', '.')")
+            if lm is None or layer is None:
+                raise ExplorerError("Give a model spec that loads, then pick a layer")
+            if not images or not Path(images).expanduser().is_dir():
+                raise ExplorerError(f"Image folder '{images}' not found; give an existing "
+                                    "folder of images (class subfolders or a labels.csv are "
+                                    "optional)")
+            ws = Workspace.create(new_name, model=spec.strip(), layer=layer,
+                                  images=str(Path(images).expanduser().resolve()),
+                                  input_size=lm.input_size, mode=mode, seed=int(seed),
+                                  device=device)
+            _ui.set_qp(ws=ws.name, a=None, b=None)
+            st.session_state["building"] = str(ws.root)
+            st.session_state.pop("home_ws", None)
+            st.rerun()

@@ -1,0 +1,73 @@
+"""Intruder study, the participant's side: only the trials. Reached by a link
+``?study=<token>&participant=<id>``; ``app.py`` registers no other page in that case."""
+
+from __future__ import annotations
+
+import time
+
+import streamlit as st
+
+from explainer import study as S
+from explainer.errors import ExplorerError
+from pages import _ui
+
+token = st.query_params.get("study", "")
+participant = st.query_params.get("participant", "")
+
+
+@st.cache_resource(show_spinner=False, max_entries=32)
+def _find(token: str):
+    from data_index.workspace import list_workspaces
+
+    return S.find_study_by_token(token, list_workspaces())
+
+
+@st.cache_resource(show_spinner=False, max_entries=256)
+def _trials(path: str, study_id: str, participant: str) -> list:
+    return S.trials_for(S.get_study(path, study_id), participant)
+
+
+def _page() -> None:
+    ws, study = _find(token)
+    st.title("🔍 Find the odd one out")
+    if not participant:
+        with st.form("participant_name"):
+            name = st.text_input("Your name or participant id")
+            if st.form_submit_button("Start", type="primary"):
+                pid = S.register_participant(study, name)
+                st.query_params["participant"] = pid
+                st.rerun()
+        return
+    pid = S.register_participant(study, participant)
+    trials = _trials(str(study.path), study.study_id, pid)
+    idx = S.next_trial_index(study, pid)
+    n = study.trials_per_participant
+    if idx is None:
+        st.progress(1.0, text=f"{n} of {n} trials done")
+        st.success("All trials done. Thank you for taking part!")
+        st.balloons()
+        return
+    trial = trials[idx]
+    st.progress(idx / n, text=f"Trial {idx + 1} of {n}")
+    st.markdown("Four of these five patches show the **same concept**. "
+                "**Click the one that does not belong.**")
+    shown = st.session_state.setdefault("_shown_at", {})
+    shown.setdefault((study.study_id, pid, idx), time.monotonic())
+    cols = st.columns(len(trial.crop_ids))
+    for pos, (col, cid) in enumerate(zip(cols, trial.crop_ids)):
+        with col:
+            st.image(_ui.upscale(_ui.crop_pic(ws, cid), 160), width="stretch")
+            if st.button(f"Odd one: {pos + 1}", key=f"pick_{idx}_{pos}",
+                         width="stretch"):
+                t0 = shown.pop((study.study_id, pid, idx), None)
+                ms = int((time.monotonic() - t0) * 1000) if t0 is not None else None
+                S.record_answer(study, pid, trial, pos, ms)
+                st.rerun()
+    st.caption(f"Participant: {pid}. Your answers are saved as you go; you can close this page "
+               "and continue later with the same link.")
+
+
+try:
+    _page()
+except ExplorerError as err:
+    st.error(str(err), icon="⚠️")

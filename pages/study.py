@@ -1,0 +1,86 @@
+"""Intruder study, the lead's side (paper App. C): create a study (concepts precomputed), hand
+out participant links, watch the results (accuracy with 95 % CI, binomial test vs 20 %), export."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from explainer import study as S
+from pages import _ui
+
+st.title("🔍 Intruder detection study")
+st.caption("A trial shows 5 crops: 4 from one concept of a class and 1 intruder from another "
+           "concept of the same class; participants click the intruder. Chance is 20 %; the "
+           "paper reports 77 % (4 concepts).")
+ws, cat, lm = _ui.context()
+counts = _ui.class_counts(ws)
+names = lm.class_names
+path = S.study_path(ws)
+
+with st.expander("➕ New study", expanded=not path.is_file()):
+    opts = sorted(counts, key=lambda c: -counts[c])
+    classes = st.multiselect("Classes", opts, default=opts[:min(4, len(opts))],
+                             format_func=lambda c: f"{names[c]} ({counts.get(c, 0)} images)",
+                             key="st_classes")
+    c = st.columns(4)
+    n_concepts = c[0].number_input("Concepts per class", 2, 10, 4, key="st_n")
+    trials = c[1].number_input("Trials per participant", 1, 1000, 50, key="st_trials")
+    seed = c[2].number_input("Seed", 0, 2**31 - 1, 0, key="st_seed")
+    max_images = c[3].number_input("Images per class", 1, 100000, 500, step=50, key="st_img")
+    if st.button("Create the study", type="primary", key="st_create"):
+        with _ui.guard("creating the study"):
+            prog = _ui.Progress("Explaining the study's classes")
+            new = S.create_study(ws, classes, n_concepts=int(n_concepts),
+                                 trials_per_participant=int(trials), seed=int(seed),
+                                 max_images=int(max_images), progress=prog)
+            prog.done()
+            st.session_state["st_selected"] = new.study_id
+            st.success(f"Study {new.study_id} created with {len(new.classes)} classes.")
+
+with _ui.guard("reading the studies"):
+    studies = S.list_studies(path)
+    if not studies:
+        st.info("No study in this workspace yet: create one above.")
+        st.stop()
+    by_id = {s.study_id: s for s in studies}
+    if st.session_state.get("st_selected") not in by_id:
+        st.session_state["st_selected"] = studies[0].study_id
+    sid = st.selectbox("Study", list(by_id), key="st_selected",
+                       format_func=lambda i: f"{i} · {by_id[i].created:%Y-%m-%d %H:%M} · "
+                                             f"{len(by_id[i].classes)} classes · "
+                                             f"{by_id[i].trials_per_participant} trials")
+    study = S.get_study(path, sid)
+    st.caption("Classes: " + ", ".join(names[c] for c in study.classes)
+               + f" · {study.n_concepts} concepts · seed {study.seed}")
+
+    st.subheader("Participant links")
+    base = (st.context.url or "").split("?")[0].rsplit("/", 1)[0] + "/"
+    pid = st.text_input("Participant name or id", key="st_pid", placeholder="e.g. alice")
+    if pid.strip():
+        clean = S.register_participant(study, pid)
+        st.code(S.participant_link(study, clean, base), language=None)
+    st.caption("Or hand out the link without a participant; they enter their name first:")
+    st.code(f"{base}?study={study.token}", language=None)
+
+    st.subheader("Results")
+    res = S.study_results(study, names)
+    o = res.overall
+    m = st.columns(4)
+    m[0].metric("Answers", o.n)
+    m[1].metric("Accuracy", "–" if not o.n else f"{o.accuracy:.1%}")
+    m[2].metric("95 % CI (Wilson)", "–" if not o.n else f"{o.ci_low:.1%} – {o.ci_high:.1%}")
+    m[3].metric("p (one-sided vs 20 %)", "–" if not o.n else f"{o.p_value:.2g}")
+
+    def _table(stats, label):
+        return [{label: s.label, "answers": s.n, "correct": s.correct,
+                 "accuracy": round(s.accuracy, 4), "CI low": round(s.ci_low, 4),
+                 "CI high": round(s.ci_high, 4), "p vs 20 %": s.p_value} for s in stats]
+
+    c1, c2 = st.columns(2)
+    c1.markdown("**Per participant**")
+    c1.dataframe(_table(res.per_participant, "participant"), hide_index=True, key="st_pp")
+    c2.markdown("**Per class**")
+    c2.dataframe(_table(res.per_class, "class"), hide_index=True, key="st_pc")
+    st.download_button("Download answers (CSV)", S.answers_csv(study),
+                       file_name=f"study_{study.study_id}_answers.csv", mime="text/csv",
+                       key="st_csv")
