@@ -7,14 +7,16 @@ and ``w`` points towards A. (The authors' scripts negate ``w`` but not ``b``; no
 from __future__ import annotations
 
 import time
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from .errors import ExplorerError
-from .results import ClassifierInfo
+from .results import ClassifierInfo, Explanation
 
-__all__ = ["CLASSIFIER_SOLVERS", "train_classifier", "contrast_scale"]
+__all__ = ["CLASSIFIER_SOLVERS", "train_classifier", "contrast_scale", "class_contrast_pixels",
+           "pair_classifier", "contrast_classes"]
 
 CLASSIFIER_SOLVERS = ("sgd", "lbfgs")
 
@@ -85,3 +87,118 @@ def contrast_scale(activations: torch.Tensor, weight: np.ndarray | torch.Tensor,
     w = torch.as_tensor(np.asarray(weight), dtype=activations.dtype, device=activations.device)
     z = torch.einsum("bchw,c->bhw", activations, w) + float(bias)
     return activations * z.clamp_min(0).unsqueeze(1)
+
+
+# --------------------------------------------------------------------------------------------
+# the pipeline: contrast A against B
+
+
+def class_contrast_pixels(ctx: Any, cls: int, *, method: str = "deeplift", variant: str = "paper",
+                          max_images: int = 500, seed: int = 0, cache: bool = True,
+                          clamp: bool = False, warnings: list[str] | None = None
+                          ) -> torch.Tensor:
+    """The class's contrast pixels (k, C): unscaled activations of pixels with ``s > 0`` and
+    ``s >= 0.25 * max(s of the image)`` over its images (derived from the per-class cached
+    attribution)."""
+    from .attribution import contrast_filter
+    from .concepts import activations_checked, class_attributions
+
+    entry = class_attributions(ctx, cls, method=method, max_images=max_images, seed=seed,
+                               cache=cache)
+    acts = activations_checked(ctx, entry, clamp, warnings if warnings is not None else [])
+    scores = torch.from_numpy(entry["s_paper" if variant == "paper" else "s_reference"])
+    return contrast_filter(acts, scores)
+
+
+def pair_classifier(ctx: Any, class_a: int, class_b: int, *, method: str = "deeplift",
+                    variant: str = "paper", max_images: int = 500, seed: int = 0,
+                    solver: str = "sgd", epochs: int = 100, lr: float = 0.01,
+                    cache: bool = True, clamp: bool = False,
+                    warnings: list[str] | None = None) -> ClassifierInfo:
+    """The A-vs-B classifier on both classes' contrast pixels (label 1 = A; ``w`` points to A)."""
+    kw = dict(method=method, variant=variant, max_images=max_images, seed=seed, cache=cache,
+              clamp=clamp, warnings=warnings)
+    xa = class_contrast_pixels(ctx, class_a, **kw)
+    xb = class_contrast_pixels(ctx, class_b, **kw)
+    torch.manual_seed(seed)
+    return train_classifier(xa, xb, class_a=class_a, class_b=class_b, solver=solver,
+                            epochs=epochs, lr=lr, device=ctx.lm.device)
+
+
+def contrast_classes(ws_or_ctx: Any, class_a: int | str, class_b: int | str, *,
+                     n_concepts: int = 4, method: str = "deeplift", variant: str = "paper",
+                     max_images: int = 500, seed: int = 0, m: int = 8, solver: str = "sklearn",
+                     classifier_solver: str = "sgd", epochs: int = 100, lr: float = 0.01,
+                     compare_solvers: bool = True, device: str | torch.device = "auto",
+                     progress: Callable[[str, float], None] | None = None, cache: bool = True,
+                     clamp: bool = False) -> Explanation:
+    """Explain what separates class A from class B (method.md §4).
+
+    Both classes' contrast pixels train ``z = w . x + b`` (label 1 = A, so ``w`` points to A;
+    ``classifier_solver`` ``sgd`` = the paper's 100 epochs of plain full-batch SGD at lr 0.01,
+    ``lbfgs`` = faster). Every pixel of A's images is then scaled ``x' = max(z, 0) * x`` and
+    NMF, crops, heatmaps and the prediction test run as in :func:`explain_class`.
+    With ``compare_solvers`` the other solver is trained too and reported side by side in
+    ``params["classifier_comparison"]``. Returns an Explanation with ``classifier`` set."""
+    from . import cache as _cache
+    from .concepts import (_check_params, activations_checked, class_attributions,
+                           explanation_from_activations, get_context, resolve_class)
+
+    ctx = get_context(ws_or_ctx, device)
+    _check_params(n_concepts, method, variant, solver, max_images, m)
+    if classifier_solver not in CLASSIFIER_SOLVERS:
+        raise ExplorerError(f"Unknown classifier solver '{classifier_solver}'; use one of "
+                            f"{', '.join(CLASSIFIER_SOLVERS)}")
+    a, b = resolve_class(ctx.lm, class_a), resolve_class(ctx.lm, class_b)
+    if a == b:
+        raise ExplorerError(f"Class A and class B are the same ({a}, "
+                            f"'{ctx.lm.class_names[a]}'); pick two different classes")
+    params = {**ctx.base_params(), "class_a": a, "class_b": b, "n": int(n_concepts),
+              "method": method, "variant": variant, "max_images": int(max_images),
+              "seed": int(seed), "m": int(m), "solver": solver,
+              "classifier_solver": classifier_solver, "epochs": int(epochs), "lr": float(lr),
+              "clamp": bool(clamp)}
+    key = _cache.cache_key("contrast", params)
+    if cache:
+        hit = _cache.load_pickle(ctx.ws.cache_dir, key)
+        if hit is not None:
+            return hit
+    from .concepts import class_images
+
+    class_images(ctx, a, max_images, seed, role="A: ")  # clear errors before any work
+    class_images(ctx, b, max_images, seed, role="B: ")
+    warnings: list[str] = []
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    kw = dict(method=method, variant=variant, max_images=max_images, seed=seed, cache=cache,
+              clamp=clamp, warnings=warnings)
+    if progress:
+        progress("attribution", 0.0)
+    xa = class_contrast_pixels(ctx, a, **kw)
+    xb = class_contrast_pixels(ctx, b, **kw)
+    timings["attribution"] = time.perf_counter() - t
+    clf = train_classifier(xa, xb, class_a=a, class_b=b, solver=classifier_solver,
+                           epochs=epochs, lr=lr, device=ctx.lm.device)
+    timings["classifier"] = clf.seconds
+    if compare_solvers:
+        comp = {classifier_solver: clf}
+        for other in CLASSIFIER_SOLVERS:
+            if other != classifier_solver:
+                comp[other] = train_classifier(xa, xb, class_a=a, class_b=b, solver=other,
+                                               epochs=epochs, lr=lr, device=ctx.lm.device)
+        params["classifier_comparison"] = {
+            k: {"accuracy": v.accuracy, "loss": v.loss, "seconds": v.seconds}
+            for k, v in comp.items()}
+    entry = class_attributions(ctx, a, method=method, max_images=max_images, seed=seed,
+                               cache=cache)
+    acts = activations_checked(ctx, entry, clamp, warnings)
+    X = contrast_scale(acts, clf.weight, clf.bias)
+    expl = explanation_from_activations(
+        ctx, X, entry["image_ids"].tolist(), class_a=a, class_b=b, n=n_concepts, m=m,
+        solver=solver, seed=seed, params=params, warnings=warnings, timings=timings,
+        progress=progress)
+    expl.classifier = clf
+    if cache:
+        _cache.save_pickle(ctx.ws.cache_dir, key, {k: v for k, v in params.items()
+                                                   if k != "classifier_comparison"}, expl)
+    return expl
