@@ -1,0 +1,65 @@
+"""Shared fixtures: the real photo sets, EfficientNet-Lite0 and one catalog built per session.
+
+``lite0_workspace`` indexes both shared photo sets (2000 images, 18000 crops, crop mode, layer
+``bn2``) once per test session; every test that needs a catalog reuses it (a few minutes on two
+CPU cores, paid once).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+NIPS17 = SHARED / "imagenet-nips17"
+SAMPLES = SHARED / "imagenet-samples"
+_MISSING_REASON = "../shared/data not found: real-photo tests need the shared ImageNet photo sets"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+if IN_CI and not (NIPS17 / "labels.csv").is_file():
+    # in CI a missing photo folder must fail loudly, never silently skip the real-data tests
+    raise RuntimeError(f"{_MISSING_REASON} (expected at {SHARED})")
+
+requires_shared = pytest.mark.skipif(not (NIPS17 / "labels.csv").is_file(),
+                                     reason=_MISSING_REASON)
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (NIPS17 / "labels.csv").is_file():
+        if IN_CI:
+            pytest.fail(f"{_MISSING_REASON} (expected at {SHARED})")
+        pytest.skip(_MISSING_REASON)
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def lite0():
+    from explainer.models import load_model
+
+    return load_model("efficientnet_lite0", "cpu")
+
+
+@pytest.fixture(scope="session")
+def lite0_workspace(tmp_path_factory, lite0, shared_data):
+    """A workspace over both shared photo sets (2000 images), crop mode, layer bn2, built once."""
+    from data_index.catalog import build_catalog
+    from data_index.workspace import Workspace
+
+    root = tmp_path_factory.mktemp("ws") / "lite0"
+    ws = Workspace.create(root, model="efficientnet_lite0", layer="bn2", images=str(shared_data),
+                          input_size=lite0.input_size, mode="crop", device="cpu")
+    build_catalog(ws, model=lite0, batch_size=32)
+    return ws
+
+
+@pytest.fixture(scope="session")
+def lite0_catalog(lite0_workspace):
+    from data_index.catalog import Catalog
+
+    return Catalog.open(lite0_workspace)

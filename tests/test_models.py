@@ -1,0 +1,115 @@
+"""Model adapters: real EfficientNet-Lite0 accuracy, spec parsing, user errors, other loaders."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from explainer.errors import ExplorerError
+from explainer.models import KNOWN_SPECS, load_model, parse_spec
+
+
+def test_lite0_top1_on_nips17_via_catalog(lite0_catalog):
+    # the catalog ran the project's own ImageFolder + geometry + model code over the photos
+    rows = lite0_catalog._q("SELECT label, pred FROM images "
+                            "WHERE path LIKE 'imagenet-nips17/%' AND label IS NOT NULL")
+    assert len(rows) == 1000
+    top1 = sum(int(l == p) for l, p in rows) / len(rows)
+    assert top1 >= 0.88, top1  # README of the photo sets: 89.3 %
+
+
+def test_lite0_top5_contains_pred_and_samples_accuracy(lite0_catalog):
+    rows = lite0_catalog._q("SELECT label, pred, top5 FROM images "
+                            "WHERE path LIKE 'imagenet-samples/%'")
+    assert len(rows) == 1000
+    assert all(r[2][0] == r[1] and len(r[2]) == 5 for r in rows)
+    top1 = sum(int(l == p) for l, p, _ in rows) / 1000
+    top5 = sum(int(l in t) for l, _, t in rows) / 1000
+    assert top1 >= 0.85 and top5 >= top1 + 0.05, (top1, top5)
+
+
+def test_bad_specs_list_what_is_valid(tmp_path):
+    with pytest.raises(ExplorerError) as e:
+        load_model("resnet5O", "cpu")
+    assert "valid specs" in str(e.value) and "efficientnet_lite0" in str(e.value)
+    with pytest.raises(ExplorerError, match="not found"):
+        load_model(f"resnet18:{tmp_path / 'missing.pth'}", "cpu")
+    with pytest.raises(ExplorerError, match="needs a file"):
+        parse_spec("torchscript")
+    with pytest.raises(ExplorerError, match="Empty model spec"):
+        parse_spec("  ")
+
+
+def test_unknown_layer_lists_candidates(lite0):
+    with pytest.raises(ExplorerError) as e:
+        lite0.module("layer4.2")
+    assert "bn2" in str(e.value) and "candidate" in str(e.value)
+
+
+@pytest.mark.parametrize("spec", ["demo", "efficientnet_lite0", "resnet50", "resnet18:/w/x.pth",
+                                  "resnet50_robust:/c.pt", "torchscript:/m.pt",
+                                  "timm:resnet18:/s.pth", "torchvision:vgg11:/s.pth"])
+def test_parse_spec_round_trip(spec):
+    assert str(parse_spec(spec)) == spec
+    assert parse_spec(str(parse_spec(spec))) == parse_spec(spec)
+    assert len(KNOWN_SPECS) >= 10
+
+
+def test_lite0_candidate_layers(lite0):
+    layers = {l.name: l for l in lite0.candidate_layers()}
+    bn2 = layers["bn2"]
+    assert bn2.shape == (1280, 7, 7) and bn2.nonnegative and bn2.recommended
+    assert sum(l.recommended for l in layers.values()) == 1
+    assert lite0.input_size == 224 and lite0.crop_size == 74 and lite0.num_classes == 1000
+
+
+def test_resnet18_state_dict_loads_two_ways(tmp_path):
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "r18.pth"
+    torch.save(net.state_dict(), path)
+    x = torch.rand(2, 3, 224, 224)
+    outs = []
+    for spec in (f"resnet18:{path}", f"torchvision:resnet18:{path}"):
+        lm = load_model(spec, "cpu")
+        assert lm.recommended_layer == "layer4.1"
+        info = lm.layer_info("layer4.1")
+        assert info.shape == (512, 7, 7) and info.nonnegative
+        outs.append(lm.logits(x))
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+    with torch.no_grad():
+        ref = net.eval()(load_model(f"resnet18:{path}", "cpu").normalize(x))
+    assert torch.allclose(outs[0], ref, atol=1e-4)
+
+
+def test_wrong_state_dict_is_a_user_error(tmp_path):
+    path = tmp_path / "bad.pth"
+    torch.save({"fc.weight": torch.zeros(3, 3)}, path)
+    with pytest.raises(ExplorerError, match="do not fit"):
+        load_model(f"resnet18:{path}", "cpu")
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, stride=4)
+        self.relu = torch.nn.ReLU()
+        self.fc = torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(self.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+def test_torchscript_file_loads(tmp_path):
+    torch.manual_seed(0)
+    net = _Tiny().eval()
+    path = tmp_path / "tiny.pt"
+    torch.jit.script(net).save(str(path))
+    lm = load_model(f"torchscript:{path}", "cpu")
+    assert lm.num_classes == 10 and lm.input_size == 224
+    x = torch.rand(3, 3, 224, 224)
+    with torch.no_grad():
+        ref = net(lm.normalize(x))
+    assert torch.allclose(lm.logits(x), ref, atol=1e-5)
