@@ -259,6 +259,10 @@ class LoadedModel:
     def module(self, name: str) -> nn.Module:
         """The submodule called ``name``; unknown names list the candidate layers."""
         modules = dict(self.model.named_modules())
+        if isinstance(modules.get(name), torch.jit.ScriptModule):
+            raise ExplorerError(f"Layer '{name}' of the TorchScript model {self.spec} cannot be "
+                                "hooked (TorchScript has no forward hooks); load the model as "
+                                "'timm:ARCH:STATE_DICT' or 'torchvision:ARCH:STATE_DICT' instead")
         if name not in modules or name == "":
             valid = ", ".join(l.name for l in self.candidate_layers() if l.nonnegative)
             raise ExplorerError(f"Unknown layer '{name}' for model {self.spec}; "
@@ -288,7 +292,8 @@ class LoadedModel:
             return hook
 
         for name, mod in self.model.named_modules():
-            if name:
+            if name and not isinstance(mod, torch.jit.ScriptModule):
+                # TorchScript modules refuse forward hooks: they have no candidate layers
                 handles.append(mod.register_forward_hook(make_hook(name)))
         gen = torch.Generator().manual_seed(0)
         s = self.input_size

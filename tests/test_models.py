@@ -113,3 +113,7 @@ def test_torchscript_file_loads(tmp_path):
     with torch.no_grad():
         ref = net(lm.normalize(x))
     assert torch.allclose(lm.logits(x), ref, atol=1e-5)
+    # TorchScript refuses forward hooks: no candidate layers, and a clear message for a layer
+    assert lm.candidate_layers() == [] and lm.recommended_layer is None
+    with pytest.raises(ExplorerError, match="TorchScript"):
+        lm.module("conv")
