@@ -40,14 +40,14 @@ def guard(what: str = "") -> Iterator[None]:
     try:
         yield
     except ExplorerError as err:
-        st.error(str(err), icon="⚠️")
+        st.error(str(err), icon=":material/warning:")
     except Exception as exc:  # noqa: BLE001 - never show a traceback to the user
         if type(exc).__module__.startswith("streamlit"):  # rerun / stop control flow
             raise
         log.error("unexpected error %s\n%s", what, traceback.format_exc())
         st.error(f"Unexpected error{(' while ' + what) if what else ''}: "
                  f"{type(exc).__name__}: {exc}. This is a bug; the details are in the server "
-                 "log. Try other settings or reload the page.", icon="🐞")
+                 "log. Try other settings or reload the page.", icon=":material/bug_report:")
 
 
 def run_guarded(fn: Callable[[], Any], what: str = "") -> Any:
@@ -302,9 +302,9 @@ def require_catalog(ws: Any) -> Any:
     try:
         return open_catalog(ws)
     except ExplorerError as err:
-        st.error(f"{err}", icon="⚠️")
+        st.error(f"{err}", icon=":material/warning:")
         st.page_link("pages/home.py", label="Go to the workspace page to build or resume it",
-                     icon="🏠")
+                     icon=":material/home:")
         st.stop()
 
 
@@ -314,14 +314,14 @@ def context(build_demo: bool = True) -> tuple[Any, Any, Any]:
     try:
         ws = current_workspace(build_demo)
     except ExplorerError as err:
-        st.error(str(err), icon="⚠️")
-        st.page_link("pages/home.py", label="Open or create a workspace", icon="🏠")
+        st.error(str(err), icon=":material/warning:")
+        st.page_link("pages/home.py", label="Open or create a workspace", icon=":material/home:")
         st.stop()
     cat = require_catalog(ws)
     try:
         lm = load_model_cached(ws.model, ws.device)
     except ExplorerError as err:
-        st.error(str(err), icon="⚠️")
+        st.error(str(err), icon=":material/warning:")
         st.stop()
     return ws, cat, lm
 
@@ -455,14 +455,14 @@ def prediction_mark(pt: Any, lm: Any, *, container: Any = None) -> None:
     a = class_name(lm, pt.target)
     pred = class_name(lm, pt.predicted)
     c1, c2 = box.columns([1, 4])
-    c1.image(upscale(pt.stitched, 96), caption="stitched top-1 crops", width=110)
+    c1.image(upscale(pt.stitched, 64), caption="stitched top-1 crops", width=72)
     if pt.passed:
-        c2.success(f"PASS ✅ — the stitched top crops are classified as **{a}** "
-                   f"(P({a}) = {pt.prob_target:.3f}).", icon="✅")
+        c2.success(f"PASS — the stitched top crops are classified as **{a}** "
+                   f"(P({a}) = {pt.prob_target:.3f}).", icon=":material/check_circle:")
     else:
-        c2.error(f"FAIL ❌ — the stitched top crops are classified as **{pred}** "
+        c2.error(f"FAIL — the stitched top crops are classified as **{pred}** "
                  f"(P = {pt.prob_predicted:.3f}), P({a}) = {pt.prob_target:.3f}. "
-                 "This explanation is not to be trusted.", icon="❌")
+                 "This explanation is not to be trusted.", icon=":material/cancel:")
     c2.caption(f"Prediction test (paper §4.3): crops {', '.join(map(str, pt.crop_ids))}, "
                f"target-class crops {'excluded' if pt.exclude_target else 'allowed'}.")
 

@@ -7,7 +7,7 @@ import streamlit as st
 
 from pages import _ui
 
-st.title("⚖️ Contrast two classes")
+st.title("Contrast two classes")
 ws, cat, lm = _ui.context()
 counts = _ui.class_counts(ws)
 names = lm.class_names
@@ -37,7 +37,8 @@ st.markdown(f"**{names[a]}** ({counts.get(a, 0)} images) against **{names[b]}** 
 first_visit = "co_seen" not in st.session_state
 st.session_state["co_seen"] = True
 auto = first_visit and st.query_params.get("run") == "1"
-run = explanation is None and st.button("Contrast", type="primary", key="co_run")
+run_slot = st.empty()
+run = explanation is None and run_slot.button("Contrast", type="primary", key="co_run")
 if explanation is None and (run or auto):
     with _ui.guard(f"contrasting {names[a]} against {names[b]}"):
         from explainer.contrast import contrast_classes
@@ -47,6 +48,7 @@ if explanation is None and (run or auto):
             ws, int(a), int(b), n_concepts=int(n), method=method, max_images=int(max_images),
             seed=int(seed), m=8, progress=prog, cache=True))
         prog.done()
+        run_slot.empty()
 if explanation is None:
     _ui.set_qp(run=None)
     st.info("Press **Contrast** to train the A-vs-B classifier and compute the contrasted "

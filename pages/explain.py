@@ -7,7 +7,7 @@ import streamlit as st
 
 from pages import _ui
 
-st.title("🧩 Explain a class")
+st.title("Explain a class")
 ws, cat, lm = _ui.context()
 counts = _ui.class_counts(ws)
 names = lm.class_names
@@ -34,7 +34,8 @@ key = ("explain", str(ws.root), ws.model, ws.layer, int(cls), int(n), method, in
 explanation = _ui.results_store().get(key)
 st.markdown(f"**{names[cls]}** · {counts.get(cls, 0)} images predicted as it · "
             f"{n} concepts · `{method}` · layer `{ws.layer}`")
-run = explanation is None and st.button("Explain", type="primary", key="ex_run")
+run_slot = st.empty()
+run = explanation is None and run_slot.button("Explain", type="primary", key="ex_run")
 first_visit = "ex_seen" not in st.session_state
 st.session_state["ex_seen"] = True
 auto = first_visit and st.query_params.get("run") == "1"  # a shared link of a computed view
@@ -47,6 +48,7 @@ if explanation is None and (run or auto):
             ws, int(cls), n_concepts=int(n), method=method, max_images=int(max_images),
             seed=int(seed), m=8, progress=prog, cache=True))
         prog.done()
+        run_slot.empty()
 
 if explanation is None:
     _ui.set_qp(run=None)

@@ -10,7 +10,7 @@ import streamlit as st
 from explainer.errors import ExplorerError
 from pages import _ui
 
-st.title("🧩 Concept explorer")
+st.title("Concept explorer")
 st.caption("Concept based explanations and class contrasting (Herdt & Otero Baguer): pick a "
            "workspace, then explain a class, contrast two classes, test hypotheses or run an "
            "intruder study.")
@@ -72,7 +72,7 @@ def _status(ws) -> None:
         with st.expander(f"{s['skipped']} skipped files"):
             st.dataframe([{"path": p, "reason": r} for p, r in cat.skipped()],
                          hide_index=True)
-    st.page_link("pages/explain.py", label="Explain a class →", icon="🧩")
+    st.page_link("pages/explain.py", label="Explain a class →", icon=":material/extension:")
 
 
 def _show(name: str) -> None:
@@ -86,7 +86,7 @@ def _show(name: str) -> None:
         complete = True
     except ExplorerError as err:
         complete = False
-        st.warning(f"{err}", icon="🛠️")
+        st.warning(f"{err}", icon=":material/build:")
     if not complete:
         resume = st.session_state.get("building") == str(ws.root)
         if resume:
@@ -104,7 +104,7 @@ with _ui.guard("opening the workspace"):
 
 # --------------------------------------------------------------------------------------------
 st.divider()
-with st.expander("➕ Create a workspace", expanded=False):
+with st.expander("Create a workspace", expanded=False):
     from explainer.models import KNOWN_SPECS
 
     st.caption("Model specs: " + ", ".join(f"`{s}`" for s in KNOWN_SPECS))

@@ -29,7 +29,7 @@ def _trials(path: str, study_id: str, participant: str) -> list:
 
 def _page() -> None:
     ws, study = _find(token)
-    st.title("🔍 Find the odd one out")
+    st.title("Find the odd one out")
     if not participant:
         with st.form("participant_name"):
             name = st.text_input("Your name or participant id")
@@ -70,4 +70,4 @@ def _page() -> None:
 try:
     _page()
 except ExplorerError as err:
-    st.error(str(err), icon="⚠️")
+    st.error(str(err), icon=":material/warning:")

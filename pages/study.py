@@ -8,7 +8,7 @@ import streamlit as st
 from explainer import study as S
 from pages import _ui
 
-st.title("🔍 Intruder detection study")
+st.title("Intruder detection study")
 st.caption("A trial shows 5 crops: 4 from one concept of a class and 1 intruder from another "
            "concept of the same class; participants click the intruder. Chance is 20 %; the "
            "paper reports 77 % (4 concepts).")
@@ -17,7 +17,7 @@ counts = _ui.class_counts(ws)
 names = lm.class_names
 path = S.study_path(ws)
 
-with st.expander("➕ New study", expanded=not path.is_file()):
+with st.expander("New study", expanded=not path.is_file()):
     opts = sorted(counts, key=lambda c: -counts[c])
     classes = st.multiselect("Classes", opts, default=opts[:min(4, len(opts))],
                              format_func=lambda c: f"{names[c]} ({counts.get(c, 0)} images)",

@@ -13,7 +13,7 @@ import streamlit as st
 from explainer.errors import ExplorerError
 from pages import _ui
 
-st.title("🧪 Test bench")
+st.title("Test bench")
 ws, cat, lm = _ui.context()
 counts = _ui.class_counts(ws)
 names = lm.class_names

@@ -1,0 +1,174 @@
+"""End to end in a real headless Chromium: the app on the demo workspace, an explanation with 8
+crops per concept, the exclusion toggle, then a participant answering 3 intruder trials, a server
+kill + restart, and the participant continuing at trial 4 with exactly 3 answers in DuckDB.
+
+Needs Debian's ``chromium`` (driven by the PyPI ``playwright`` package, no browser download).
+Skipped only when chromium is absent and ``CI`` is not set; in CI it must run.
+Screenshots go to ``artifacts/screenshots/``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHOTS = ROOT / "artifacts" / "screenshots"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROME_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--no-first-run", "--disable-component-update", "--disable-sync"]
+T_LONG = 600_000  # ms: an explanation on 2 busy CPU cores
+
+if CHROMIUM is None and not os.environ.get("CI"):
+    pytest.skip("chromium is not installed (apt-get install -y chromium); the real-browser "
+                "test runs in CI", allow_module_level=True)
+
+from tests.test_app_pages import demo_home, demo_ws  # noqa: E402,F401 - shared fixtures
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``streamlit run app.py`` as a subprocess on a free port."""
+
+    def __init__(self, home: Path, port: int, log: Path) -> None:
+        self.home, self.port, self.log = home, port, log
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 180) -> None:
+        env = dict(os.environ, CONCEPT_EXPLORER_HOME=str(self.home), PYTHONUNBUFFERED="1")
+        fh = open(self.log, "a")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
+             "--server.port", str(self.port), "--server.address", "127.0.0.1",
+             "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
+            cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"streamlit exited early: {self.log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/_stcore/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)  # polling the health endpoint: nothing to wait on instead
+        raise RuntimeError("streamlit did not become healthy in time")
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # a hard kill: answers must be durable
+            self.proc.wait(timeout=30)
+        self.proc = None
+
+
+def _answers(path: Path, token: str) -> list[tuple]:
+    import duckdb
+
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        return con.execute("""SELECT a.participant_id, a.trial_index, a.chosen_position,
+                len(a.crop_ids) FROM answers a JOIN studies s USING (study_id)
+                WHERE s.token = ? ORDER BY a.trial_index""", [token]).fetchall()
+    finally:
+        con.close()
+
+
+def _crop_captions(page) -> list[str]:
+    return page.locator("[data-testid='stImageCaption']").filter(
+        has_text=re.compile(r"^#\d+$")).all_inner_texts()
+
+
+@pytest.mark.timeout(1800)
+def test_browser_end_to_end(demo_ws, demo_home, tmp_path):  # noqa: F811
+    from playwright.sync_api import expect, sync_playwright
+
+    from explainer import study as S
+    from tests.test_app_pages import pick_classes
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    cls_a, cls_b, names = pick_classes(demo_ws)
+    server = Server(demo_home, _free_port(), tmp_path / "streamlit.log")
+    server.start()
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROME_ARGS,
+                                        headless=True)
+            page = browser.new_page(viewport={"width": 1500, "height": 1100})
+            page.set_default_timeout(120_000)
+            # ---- explain a class -----------------------------------------------------------
+            page.goto(f"{server.url}/explain?ws=demo&a={names[cls_a]}&n=4")
+            page.get_by_role("button", name="Explain", exact=True).click()
+            expect(page.locator("[data-testid='stImageCaption']").filter(
+                has_text=re.compile(r"^#\d+$"))).to_have_count(32, timeout=T_LONG)
+            before = _crop_captions(page)
+            assert len(before) == 32 and len(set(before[:8])) == 8
+            expect(page.get_by_text(re.compile("PASS|FAIL")).first).to_be_visible()
+            page.screenshot(path=str(SHOTS / "explain.png"), full_page=True)
+            page.get_by_text("Exclude target-class crops").click()
+            page.wait_for_function("() => new URL(location.href).searchParams.get('excl') "
+                                   "=== '1'", timeout=60_000)
+            expect(page.locator("[data-testid='stImageCaption']").filter(
+                has_text=re.compile(r"^#\d+$"))).to_have_count(32, timeout=60_000)
+            page.wait_for_function(
+                "(b) => { const c = [...document.querySelectorAll("
+                "\"[data-testid='stImageCaption']\")].map(e => e.innerText)"
+                ".filter(t => /^#\\d+$/.test(t)); return c.length === 32 && "
+                "c.join() !== b.join(); }", arg=before, timeout=60_000)
+            after = _crop_captions(page)
+            assert after != before
+            page.screenshot(path=str(SHOTS / "explain_excluded.png"), full_page=True)
+
+            # ---- a study created by the lead, answered by a participant ------------------
+            study = S.create_study(demo_ws, [cls_a, cls_b], n_concepts=4,
+                                   trials_per_participant=6, seed=3)
+            token, path = study.token, study.path
+            S.close_all()  # the server process is the one writer from now on
+            link = f"{server.url}/?study={token}&participant=alice"
+            page.goto(link)
+            for k in range(1, 4):
+                expect(page.get_by_text(f"Trial {k} of 6")).to_be_visible(timeout=120_000)
+                expect(page.locator("[data-testid='stSidebarNav']")).to_have_count(0)
+                expect(page.locator("[data-testid='stImage']")).to_have_count(5)
+                if k == 1:
+                    page.screenshot(path=str(SHOTS / "participant_trial1.png"), full_page=True)
+                page.get_by_role("button", name=f"Odd one: {k}").click()
+            expect(page.get_by_text("Trial 4 of 6")).to_be_visible(timeout=120_000)
+            browser.close()
+        server.kill()
+        rows = _answers(path, token)
+        assert [(r[0], r[1], r[2], r[3]) for r in rows] == [("alice", 0, 0, 5), ("alice", 1, 1, 5),
+                                                            ("alice", 2, 2, 5)]
+        # ---- restart: the participant continues at trial 4 ----------------------------------
+        server.start()
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROME_ARGS,
+                                        headless=True)
+            page = browser.new_page(viewport={"width": 1500, "height": 900})
+            page.goto(link)
+            expect(page.get_by_text("Trial 4 of 6")).to_be_visible(timeout=120_000)
+            expect(page.locator("[data-testid='stImage']")).to_have_count(5)
+            page.screenshot(path=str(SHOTS / "participant_after_restart.png"), full_page=True)
+            browser.close()
+        server.kill()
+        assert len(_answers(path, token)) == 3
+    finally:
+        server.kill()
