@@ -47,11 +47,15 @@ def lite0():
 
 @pytest.fixture(scope="session")
 def lite0_workspace(tmp_path_factory, lite0, shared_data):
-    """A workspace over both shared photo sets (2000 images), crop mode, layer bn2, built once."""
+    """A workspace over both shared photo sets (2000 files; 1998 indexed, 2 too small), crop
+    mode, layer bn2, built once per session."""
     from data_index.catalog import build_catalog
     from data_index.workspace import Workspace
 
-    root = tmp_path_factory.mktemp("ws") / "lite0"
+    # LITE0_WORKSPACE=/some/folder keeps the build between sessions (a complete catalog with the
+    # same settings and files is reused as is; anything else is refused by build_catalog)
+    keep = os.environ.get("LITE0_WORKSPACE")
+    root = Path(keep) if keep else tmp_path_factory.mktemp("ws") / "lite0"
     ws = Workspace.create(root, model="efficientnet_lite0", layer="bn2", images=str(shared_data),
                           input_size=lite0.input_size, mode="crop", device="cpu")
     build_catalog(ws, model=lite0, batch_size=32)
