@@ -142,6 +142,10 @@ def bench_server(n_participants: int, n_trials: int, home: Path | None) -> dict:
                     for k in range(1, n_trials + 1):
                         page.get_by_text(f"Trial {k} of {n_trials}").wait_for()
                         page.locator("[data-testid='stImage']").nth(4).wait_for()
+                        page.wait_for_function(
+                            "() => { const a = document.querySelector(\"[data-testid='stApp']\");"
+                            " return a && a.getAttribute('data-test-script-state') === "
+                            "'notRunning' && !document.querySelector(\"[data-stale='true']\"); }")
                         t0 = time.perf_counter()
                         page.get_by_role("button", name=f"Odd one: {(k % 5) + 1}").click()
                         with lock:

@@ -92,6 +92,15 @@ def _answers(path: Path, token: str) -> list[tuple]:
         con.close()
 
 
+def _wait_idle(page, timeout: int = 120_000) -> None:
+    """Wait until the script run finished and no stale element is left, so a click lands on
+    the current run's widgets (a click on a stale button of the previous run is lost)."""
+    page.wait_for_function(
+        "() => { const a = document.querySelector(\"[data-testid='stApp']\");"
+        " return a && a.getAttribute('data-test-script-state') === 'notRunning' &&"
+        " !document.querySelector(\"[data-stale='true']\"); }", timeout=timeout)
+
+
 def _crop_captions(page) -> list[str]:
     return page.locator("[data-testid='stImageCaption']").filter(
         has_text=re.compile(r"^#\d+$")).all_inner_texts()
@@ -116,6 +125,7 @@ def test_browser_end_to_end(demo_ws, demo_home, tmp_path):  # noqa: F811
             page.set_default_timeout(120_000)
             # ---- explain a class -----------------------------------------------------------
             page.goto(f"{server.url}/explain?ws=demo&a={names[cls_a]}&n=4")
+            _wait_idle(page, T_LONG)
             page.get_by_role("button", name="Explain", exact=True).click()
             expect(page.locator("[data-testid='stImageCaption']").filter(
                 has_text=re.compile(r"^#\d+$"))).to_have_count(32, timeout=T_LONG)
@@ -123,6 +133,7 @@ def test_browser_end_to_end(demo_ws, demo_home, tmp_path):  # noqa: F811
             assert len(before) == 32 and len(set(before[:8])) == 8
             expect(page.get_by_text(re.compile("PASS|FAIL")).first).to_be_visible()
             page.screenshot(path=str(SHOTS / "explain.png"), full_page=True)
+            _wait_idle(page)
             page.get_by_text("Exclude target-class crops").click()
             page.wait_for_function("() => new URL(location.href).searchParams.get('excl') "
                                    "=== '1'", timeout=60_000)
@@ -150,6 +161,7 @@ def test_browser_end_to_end(demo_ws, demo_home, tmp_path):  # noqa: F811
                 expect(page.locator("[data-testid='stImage']")).to_have_count(5)
                 if k == 1:
                     page.screenshot(path=str(SHOTS / "participant_trial1.png"), full_page=True)
+                _wait_idle(page)
                 page.get_by_role("button", name=f"Odd one: {k}").click()
             expect(page.get_by_text("Trial 4 of 6")).to_be_visible(timeout=120_000)
             browser.close()
