@@ -11,13 +11,15 @@ into :data:`CONCEPTS`): backgrounds first, then parts.
 
 The paper's shortcut is planted: the two look-alike classes :data:`SHORTCUT_GRASS_CLASS` (``lupo``)
 and :data:`SHORTCUT_LOOKALIKE_CLASS` (``husko``) share their two big parts and differ only in one
-small part (a small triangle with black dots vs black stripes). In the default splits ``lupo`` is
+small part (a small triangle with black dots vs black stripes), visible in only half of their
+images. In the default splits ``lupo`` is
 shown on grass and ``husko`` on snow in 90 % of the images (the other backgrounds uniformly
 otherwise); every other class draws its background uniformly at random. A model trained on this
 world leans on the background to tell the two apart.
 
-Everything is deterministic: image ``i`` of class ``c`` in split ``s`` depends only on
-``(seed, s, c, i)``, never on how many images are generated.
+Everything is deterministic: given its background, image ``i`` of class ``c`` in split ``s``
+depends only on ``(seed, s, c, i)``; the background assignment depends on ``(seed, s, c)`` and the
+number of images per class (so the shortcut share is exact).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ __all__ = [
     "CONCEPTS",
     "DEFAULT_SIZE",
     "PARTS",
+    "PART_PRESENCE",
     "SHORTCUT_GRASS_CLASS",
     "SHORTCUT_LOOKALIKE_CLASS",
     "SHORTCUT_PROB",
@@ -91,6 +94,7 @@ class _Part:
     texture: str
     shape: str
     scale: float = 1.0  # relative size; 1.0 spans most of a 32-px cell at size 96
+    presence: float = 1.0  # probability that the part is visible in an image of its class
 
     @property
     def name(self) -> str:
@@ -107,16 +111,18 @@ _SHORTCUT_BACKGROUND = {SHORTCUT_GRASS_CLASS: "bg_grass", SHORTCUT_LOOKALIKE_CLA
 
 # Class -> its defining parts, in drawing order (the first is the biggest, "body").
 _CLASS_DEFS: dict[str, list[_Part]] = {
-    # The look-alike pair: same body and head, they differ in one small part only.
+    # The look-alike pair: same body and head, they differ in one small part only, and that part
+    # is hidden in half of the images (as a husky's eyes often are): there the background is the
+    # only cue, which is what makes a trained model learn the grass/snow shortcut.
     "lupo": [
         _Part("orange", "solid", "square"),
         _Part("brown", "solid", "circle"),
-        _Part("black", "dots", "triangle", 0.8),
+        _Part("black", "dots", "triangle", 0.8, presence=0.5),
     ],
     "husko": [
         _Part("orange", "solid", "square"),
         _Part("brown", "solid", "circle"),
-        _Part("black", "stripes", "triangle", 0.8),
+        _Part("black", "stripes", "triangle", 0.8, presence=0.5),
     ],
     "ladyblob": [_Part("red", "dots", "circle"), _Part("black", "solid", "triangle")],
     "zebrox": [_Part("black", "stripes", "square"), _Part("yellow", "solid", "circle")],
@@ -137,6 +143,9 @@ CLASSES: list[str] = list(_CLASS_DEFS)
 
 CLASS_PARTS: dict[str, list[str]] = {c: [p.name for p in parts] for c, parts in _CLASS_DEFS.items()}
 """Class name -> names of its defining part concepts (drawing order, biggest first)."""
+
+PART_PRESENCE: dict[str, float] = {p.name: p.presence for parts in _CLASS_DEFS.values() for p in parts}
+"""Part name -> probability that it is visible in an image of a class that has it (1.0 = always)."""
 
 PARTS: list[str] = sorted({p.name for parts in _CLASS_DEFS.values() for p in parts})
 """All part concept names (sorted)."""
@@ -314,7 +323,8 @@ def render(
         cy = (row + 0.5) * cell + rng.uniform(-jit, jit)
         cx = float(np.clip(cx, r * 0.6, size - 1 - r * 0.6))
         cy = float(np.clip(cy, r * 0.6, size - 1 - r * 0.6))
-        inside = _shape_mask(part.shape, xx, yy, cx, cy, r)
+        visible = rng.random() < part.presence  # always drawn, so the stream does not depend on it
+        inside = _shape_mask(part.shape, xx, yy, cx, cy, r) & visible
         ink = _texture(part.texture, xx, yy, rng, k)
         colour = np.asarray(_COLOURS[part.colour], dtype=np.float32) * rng.uniform(0.85, 1.1)
         ink_col = np.asarray(_INK[part.colour], dtype=np.float32)
