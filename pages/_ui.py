@@ -30,6 +30,25 @@ SHARED_KEYS = ("ws", "a", "b", "n", "method", "images", "seed", "excl")
 
 
 # --------------------------------------------------------------------------------------------
+# navigation
+
+
+def ensure_app_navigation() -> None:
+    """Make sure the page runs under ``app.py``'s ``st.navigation``.
+
+    Streamlit decides at server start that an app with a ``pages/`` folder is a v1 multipage app,
+    until the first run of ``app.py`` calls ``st.navigation``. If the very first request of a
+    fresh server opens a page URL (``/explain``, a participant link to ``/participant``), that
+    page would run on its own with every file of ``pages/`` listed in the sidebar. Switch the
+    v1 mode off and rerun, so ``app.py`` routes (and hides the lead pages from participants)."""
+    from streamlit.runtime.pages_manager import PagesManager
+
+    if PagesManager.uses_pages_directory:
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
+# --------------------------------------------------------------------------------------------
 # errors
 
 

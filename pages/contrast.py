@@ -7,6 +7,8 @@ import streamlit as st
 
 from pages import _ui
 
+_ui.ensure_app_navigation()
+
 st.title("Contrast two classes")
 ws, cat, lm = _ui.context()
 counts = _ui.class_counts(ws)

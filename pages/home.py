@@ -10,6 +10,8 @@ import streamlit as st
 from explainer.errors import ExplorerError
 from pages import _ui
 
+_ui.ensure_app_navigation()
+
 st.title("Concept explorer")
 st.caption("Concept based explanations and class contrasting (Herdt & Otero Baguer): pick a "
            "workspace, then explain a class, contrast two classes, test hypotheses or run an "

@@ -11,6 +11,8 @@ from explainer import study as S
 from explainer.errors import ExplorerError
 from pages import _ui
 
+_ui.ensure_app_navigation()
+
 token = st.query_params.get("study", "")
 participant = st.query_params.get("participant", "")
 
@@ -38,7 +40,10 @@ def _page() -> None:
                 st.query_params["participant"] = pid
                 st.rerun()
         return
-    pid = S.register_participant(study, participant)
+    reg = st.session_state.setdefault("_registered", {})
+    if (study.study_id, participant) not in reg:  # one short write per session, not per click
+        reg[(study.study_id, participant)] = S.register_participant(study, participant)
+    pid = reg[(study.study_id, participant)]
     trials = _trials(str(study.path), study.study_id, pid)
     idx = S.next_trial_index(study, pid)
     n = study.trials_per_participant

@@ -8,6 +8,8 @@ import streamlit as st
 from explainer import study as S
 from pages import _ui
 
+_ui.ensure_app_navigation()
+
 st.title("Intruder detection study")
 st.caption("A trial shows 5 crops: 4 from one concept of a class and 1 intruder from another "
            "concept of the same class; participants click the intruder. Chance is 20 %; the "

@@ -13,6 +13,8 @@ import streamlit as st
 from explainer.errors import ExplorerError
 from pages import _ui
 
+_ui.ensure_app_navigation()
+
 st.title("Test bench")
 ws, cat, lm = _ui.context()
 counts = _ui.class_counts(ws)

@@ -129,6 +129,10 @@ def test_browser_end_to_end(demo_ws, demo_home, tmp_path):  # noqa: F811
             page.get_by_role("button", name="Explain", exact=True).click()
             expect(page.locator("[data-testid='stImageCaption']").filter(
                 has_text=re.compile(r"^#\d+$"))).to_have_count(32, timeout=T_LONG)
+            # a fresh server's first request is a page URL: app.py's navigation must still rule
+            nav = page.locator("[data-testid='stSidebarNav']")
+            expect(nav).to_contain_text("Explain a class")
+            expect(nav).not_to_contain_text("participant")
             before = _crop_captions(page)
             assert len(before) == 32 and len(set(before[:8])) == 8
             expect(page.get_by_text(re.compile("PASS|FAIL")).first).to_be_visible()
