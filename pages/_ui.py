@@ -45,7 +45,8 @@ def ensure_app_navigation() -> None:
 
     if PagesManager.uses_pages_directory:
         PagesManager.uses_pages_directory = False
-        st.rerun()
+        if not st.session_state.to_dict():  # a first request: no widget input can be lost
+            st.rerun()
 
 
 # --------------------------------------------------------------------------------------------
