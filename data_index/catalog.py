@@ -274,7 +274,10 @@ def build_catalog(ws: Workspace, *, batch_size: int = 32, device: str = "auto",
         done_images = sum(min(chunk_size, total - k * chunk_size) for k in done)
         embedder = _Embedder(lm, ws.layer, ws.mode)
         boxes = crop_boxes(lm.input_size)
-        min_side = lm.crop_size
+        # Smaller-than-a-crop photos are upscaled by the usual resize, as any ImageNet pipeline
+        # does (two of the shared ImageNet photos are 56 and 68 px high); only images under half
+        # a crop side, where the upscaled pixels would carry nothing, are skipped.
+        min_side = max(8, lm.crop_size // 2)
         workers = num_workers if num_workers is not None else min(4, os.cpu_count() or 1)
         pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="decode")
         t_index = time.perf_counter()

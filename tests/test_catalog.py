@@ -28,21 +28,18 @@ ROOT = Path(__file__).resolve().parents[1]
 # ---- the shared catalog (2000 real photos, crop mode) ----------------------------------------
 
 def test_shared_catalog_counts(lite0_catalog):
-    # 2000 photos, but two imagenet-samples files are smaller than one 74-px crop (75x56 and
-    # 68x121): they are skipped with the reason, as the rule says -> 1998 images, 17982 crops
+    # 2000 photos; two imagenet-samples files are smaller than one 74-px crop (75x56 and
+    # 68x121) but above half a crop, so the resize upscales them like any other photo
     st = lite0_catalog.status()
-    assert (st["images"], st["crops"], st["skipped"], st["complete"]) == (1998, 17982, 2, True)
-    assert lite0_catalog.n_images == 1998 and lite0_catalog.n_crops == 17982
-    skipped = dict(lite0_catalog.skipped())
-    assert set(skipped) == {"imagenet-samples/images/n01871265.jpg",
-                            "imagenet-samples/images/n03866082.jpg"}
-    assert all("too small" in r for r in skipped.values())
+    assert (st["images"], st["crops"], st["skipped"], st["complete"]) == (2000, 18000, 0, True)
+    assert lite0_catalog.n_images == 2000 and lite0_catalog.n_crops == 18000
+    assert lite0_catalog.skipped() == []
     ids, emb = lite0_catalog.embeddings()
-    assert emb.shape == (17982, 1280) and emb.dtype == np.float32 and ids.dtype == np.int64
+    assert emb.shape == (18000, 1280) and emb.dtype == np.float32 and ids.dtype == np.int64
     assert np.all(np.diff(ids) > 0) and (np.asarray(emb[:100]) >= 0).all()
     image_ids = np.asarray(lite0_catalog.image_ids())
     assert np.array_equal(ids, (image_ids[:, None] * 9 + np.arange(9)).ravel())
-    assert sum(lite0_catalog.predicted_counts().values()) == 1998
+    assert sum(lite0_catalog.predicted_counts().values()) == 2000
     a = max(st["predicted_counts"], key=st["predicted_counts"].get)
     got = lite0_catalog.images_predicted_as(a)
     assert got == sorted(got) and len(got) == st["predicted_counts"][a]
@@ -92,9 +89,9 @@ def test_random_crops_exports_and_several_readers(lite0_catalog, lite0_workspace
     second = Catalog.open(lite0_workspace)  # several readers in one process
     assert second.n_crops == lite0_catalog.n_crops
     out = lite0_catalog.export("images", tmp_path / "images.csv")
-    assert len(out.read_text().splitlines()) == 1999
+    assert len(out.read_text().splitlines()) == 2001
     pq = second.export("crops", tmp_path / "crops.parquet")
-    assert duckdb.sql(f"SELECT count(*) FROM '{pq}'").fetchall()[0][0] == 17982
+    assert duckdb.sql(f"SELECT count(*) FROM '{pq}'").fetchall()[0][0] == 18000
     with pytest.raises(ExplorerError, match="exportable"):
         lite0_catalog.export("secrets", tmp_path / "x.csv")
 
@@ -103,7 +100,7 @@ def test_cli_status_and_search(lite0_workspace):
     run = lambda *a: subprocess.run([sys.executable, "-m", "data_index", *a], cwd=ROOT,
                                     capture_output=True, text=True, timeout=120)
     r = run("status", "--workspace", str(lite0_workspace.root))
-    assert r.returncode == 0 and "17982" in r.stdout, r.stderr
+    assert r.returncode == 0 and "18000" in r.stdout, r.stderr
     r = run("search", "--workspace", str(lite0_workspace.root), "--crop-id", "40", "-m", "3")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()[1:]
