@@ -112,12 +112,19 @@ def shift_test(lm: LoadedModel, layer: str, images: torch.Tensor, weight: np.nda
         raise ExplorerError(f"No images predicted as class {class_b} for the shift test")
     module = lm.module(layer)
     w = torch.as_tensor(np.asarray(weight), dtype=torch.float32).to(lm.device)
-    pa, pb = [], []
-    for t in offsets:
-        with shifted_layer(module, w, float(t)):
-            probs = torch.softmax(lm.logits(images, batch_size=batch_size), dim=1)
-        pa.append(float(probs[:, class_a].mean()))
-        pb.append(float(probs[:, class_b].mean()))
+    n, k = len(images), len(offsets)
+    # every (offset, image) combination, batched: row r is image r % n at offset r // n
+    t_all = torch.tensor([float(t) for t in offsets], dtype=torch.float32).repeat_interleave(n)
+    probs = []
+    with shifted_layer(module, w, 0.0) as state, torch.inference_mode():
+        for s in range(0, n * k, batch_size):
+            rows = torch.arange(s, min(s + batch_size, n * k))
+            state["offset"] = t_all[rows]
+            x = lm.normalize(images[rows % n].to(lm.device, torch.float32))
+            probs.append(torch.softmax(lm.model(x).float(), dim=1).cpu())
+    p = torch.cat(probs).view(k, n, -1)
+    pa = [float(v) for v in p[:, :, class_a].mean(1)]
+    pb = [float(v) for v in p[:, :, class_b].mean(1)]
     best = int(np.argmax(pa))
     default = pa[list(offsets).index(0.0)] if 0.0 in offsets else float(
         torch.softmax(lm.logits(images, batch_size=batch_size), 1)[:, class_a].mean())

@@ -104,18 +104,23 @@ def reused_nonlinearities(model: nn.Module, example: torch.Tensor) -> list[str]:
 
 
 @contextlib.contextmanager
-def shifted_layer(module: nn.Module, direction: torch.Tensor, offset: float
-                  ) -> Iterator[None]:
-    """Within the block, ``module``'s output ``a`` (B, C, h, w) becomes ``relu(a + offset * w)``
-    at every pixel, ``direction`` = ``w`` of shape (C,). The hook is removed on exit, also when
-    the block raises."""
+def shifted_layer(module: nn.Module, direction: torch.Tensor, offset: float | torch.Tensor
+                  ) -> Iterator[dict[str, torch.Tensor | float]]:
+    """Within the block, ``module``'s output ``a`` (B, C, h, w) becomes ``relu(a + t * w)``
+    at every pixel, ``direction`` = ``w`` of shape (C,). ``t`` is ``offset``: a float, or a
+    (B,) tensor of per-image offsets; it can be changed between forwards through the yielded
+    dict's ``"offset"`` entry. The hook is removed on exit, also when the block raises."""
     w = direction.reshape(1, -1, 1, 1)
+    state: dict[str, torch.Tensor | float] = {"offset": offset}
 
     def hook(_m: nn.Module, _i: object, out: torch.Tensor) -> torch.Tensor:
-        return torch.relu(out + offset * w.to(out.device, out.dtype))
+        t = state["offset"]
+        if isinstance(t, torch.Tensor):
+            t = t.to(out.device, out.dtype).reshape(-1, 1, 1, 1)
+        return torch.relu(out + t * w.to(out.device, out.dtype))
 
     handle = module.register_forward_hook(hook)
     try:
-        yield
+        yield state
     finally:
         handle.remove()
