@@ -67,3 +67,22 @@ def lite0_catalog(lite0_workspace):
     from data_index.catalog import Catalog
 
     return Catalog.open(lite0_workspace)
+
+
+# ----------------------------------------------------------------------------------------------
+# Demo world workspace (synthetic images with ground-truth masks + the bundled demo CNN).
+# Used by tests/test_demo_groundtruth.py; any test may reuse it.
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def demo_workspace(tmp_path_factory):
+    """The ``demo`` workspace (world gallery: 1200 images of 96x96 with masks, 10800 crops,
+    layer ``layer4.relu_out``), built once per session with ``ensure_demo_workspace(home=...,
+    device="cpu")`` (about 20-60 s on two CPU cores). ``DEMO_WORKSPACE_HOME=/some/folder`` keeps
+    the build and its on-disk explanation cache between sessions."""
+    from data_index.demo import ensure_demo_workspace
+
+    keep = os.environ.get("DEMO_WORKSPACE_HOME")
+    home = Path(keep) if keep else tmp_path_factory.mktemp("demo_home")
+    return ensure_demo_workspace(home=home, device="cpu")
