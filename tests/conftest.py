@@ -47,7 +47,7 @@ def lite0():
 
 @pytest.fixture(scope="session")
 def lite0_workspace(tmp_path_factory, lite0, shared_data):
-    """A workspace over both shared photo sets (2000 files; 1998 indexed, 2 too small), crop
+    """A workspace over both shared photo sets (2000 photos, 18000 crops), crop
     mode, layer bn2, built once per session."""
     from data_index.catalog import build_catalog
     from data_index.workspace import Workspace
