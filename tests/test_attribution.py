@@ -110,3 +110,42 @@ def test_contrast_filter_keeps_positive_and_quarter_of_max():
     # an image whose scores are all negative contributes nothing (authors' bug: it passed)
     s_neg = torch.tensor([[[-4.0, -1.0], [-0.5, -1.0]]])
     assert contrast_filter(a, s_neg).shape == (0, 2)
+
+
+def test_negative_activations_refused_unless_clamped():
+    from explainer.attribution import check_nonnegative
+    from explainer.errors import ExplorerError
+
+    a = torch.tensor([[[[1.0, -2.0]], [[0.5, 3.0]]]])
+    with pytest.raises(ExplorerError, match="negative activations \\(25.0% of values\\).*clamp"):
+        check_nonnegative(a, "conv", clamp=False)
+    out, warn = check_nonnegative(a, "conv", clamp=True)
+    assert float(out.min()) == 0.0 and float(out.sum()) == 4.5
+    assert "clamped" in warn
+    same, none = check_nonnegative(a.clamp_min(0), "conv", clamp=False)
+    assert none is None
+
+
+def test_all_methods_batched_on_a_small_resnet():
+    from explainer.attribution import attribute
+    from explainer.models import LoadedModel
+
+    model = _resnet("resnet18")
+    lm = LoadedModel("resnet18", model, torch.device("cpu"), 64, 64, (0.485, 0.456, 0.406),
+                     (0.229, 0.224, 0.225), [str(i) for i in range(10)])
+    x = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    targets = [1, 2, 3]
+    out = {m: attribute(lm, x, "layer4.1", targets, m, batch_size=2)
+           for m in ("deeplift", "grad_x_act", "deeplift_smoothgrad")}
+    acts = out["deeplift"][0]
+    assert acts.shape == (3, 512, 2, 2) and float(acts.min()) >= 0
+    for m, (a, attr) in out.items():
+        assert torch.allclose(a, acts, rtol=1e-4, atol=1e-3), m  # clean activations for every method
+        assert attr.shape == acts.shape
+    # grad x act at the last block: logit is linear in the pooled activations
+    w = model.fc.weight[torch.tensor(targets)].view(3, 512, 1, 1) / 4
+    assert torch.allclose(out["grad_x_act"][1], acts * w, rtol=1e-4, atol=1e-4)
+    # smoothgrad differs from plain DeepLift, but correlates with it
+    d, s = out["deeplift"][1].flatten(), out["deeplift_smoothgrad"][1].flatten()
+    assert not torch.allclose(d, s)
+    assert float(torch.corrcoef(torch.stack([d, s]))[0, 1]) > 0.3
