@@ -47,6 +47,7 @@ class ExplainContext:
     lm: LoadedModel
     catalog: Any  # data_index.catalog.Catalog
     _search: Any = field(default=None, repr=False)
+    stamp: int = field(default=-1, repr=False)  # catalog file mtime when opened
 
     @classmethod
     def open(cls, ws: Any, device: str | torch.device = "auto", lm: LoadedModel | None = None
@@ -98,9 +99,20 @@ def get_context(ws_or_ctx: Any, device: str | torch.device = "auto") -> ExplainC
         return ws_or_ctx
     root = str(getattr(ws_or_ctx, "root", ws_or_ctx))
     key = (os.path.abspath(root) if os.sep in root else root, str(device))
-    if key not in _CONTEXTS:
-        _CONTEXTS[key] = ExplainContext.open(ws_or_ctx, device)
-    return _CONTEXTS[key]
+    ctx = _CONTEXTS.get(key)
+    if ctx is None or ctx.stamp != _catalog_stamp(ctx.ws):
+        # first use, or the catalog was rebuilt since: reopen (keeping the loaded model)
+        ctx = ExplainContext.open(ws_or_ctx, device, lm=ctx.lm if ctx is not None else None)
+        ctx.stamp = _catalog_stamp(ctx.ws)
+        _CONTEXTS[key] = ctx
+    return ctx
+
+
+def _catalog_stamp(ws: Any) -> int:
+    try:
+        return os.stat(ws.catalog_path).st_mtime_ns
+    except OSError:
+        return -1
 
 
 # --------------------------------------------------------------------------------------------
