@@ -108,6 +108,10 @@ class Workspace:
         """Open an existing workspace by name or path."""
         root = resolve_workspace(name_or_path)
         toml = root / TOML_NAME
+        if not toml.is_file() and str(name_or_path) == "demo":
+            from .demo import ensure_demo_workspace  # the default workspace builds itself
+
+            return ensure_demo_workspace(root.parent)
         if not toml.is_file():
             known = ", ".join(w.name for w in list_workspaces()) or "none yet"
             raise ExplorerError(f"No workspace at '{root}' (missing {TOML_NAME}); create it with "
