@@ -6,7 +6,9 @@ and ``data_index``; this module only caches, converts to pictures and lays out.
 from __future__ import annotations
 
 import contextlib
+import hmac
 import logging
+import os
 import threading
 import time
 import traceback
@@ -47,6 +49,98 @@ def ensure_app_navigation() -> None:
         PagesManager.uses_pages_directory = False
         if not st.session_state.to_dict():  # a first request: no widget input can be lost
             st.rerun()
+
+
+# --------------------------------------------------------------------------------------------
+# access: the lead key and participant-only sessions
+
+LEAD_KEY_ENV = "CONCEPT_EXPLORER_LEAD_KEY"
+_LEAD_OK = "_lead_unlocked"
+PARTICIPANT_KEY = "_participant_link"
+_KEY_ERROR = "_lead_key_error"
+
+
+def lead_key() -> str:
+    """The server's lead key (``$CONCEPT_EXPLORER_LEAD_KEY``, stripped); ``""`` = no key, the
+    app is open to everyone who can reach the server (single-user local use)."""
+    return os.environ.get(LEAD_KEY_ENV, "").strip()
+
+
+def _key_matches(given: str, key: str) -> bool:
+    return hmac.compare_digest(given.strip().encode(), key.encode())
+
+
+def participant_session() -> dict[str, str] | None:
+    """The participant link of this session, or None for a lead session.
+
+    A session that was opened with ``?study=`` is marked participant-only in its session state:
+    it stays on the participant page even when the query parameters are dropped later."""
+    token = st.query_params.get("study")
+    if token:
+        rec = st.session_state.setdefault(PARTICIPANT_KEY, {})
+        rec["study"] = token
+        pid = st.query_params.get("participant")
+        if pid:
+            rec["participant"] = pid
+    return st.session_state.get(PARTICIPANT_KEY)
+
+
+def lead_unlocked() -> bool:
+    """Whether this session may see the lead pages.
+
+    Never for a participant session; always when no lead key is configured; otherwise once the
+    key was given in this browser session (the form, or ``?key=`` in the URL, which is removed
+    from the URL at once)."""
+    if participant_session() is not None:
+        return False
+    key = lead_key()
+    if not key:
+        return True
+    if st.session_state.get(_LEAD_OK):
+        if "key" in st.query_params:
+            del st.query_params["key"]
+        return True
+    given = st.query_params.get("key")
+    if given is not None:
+        del st.query_params["key"]  # never leave the key in the address bar or the history
+        if _key_matches(given, key):
+            st.session_state[_LEAD_OK] = True
+            return True
+        st.session_state[_KEY_ERROR] = "The key in the link is wrong."
+    return False
+
+
+def lead_key_form() -> None:
+    """The only thing a locked session sees: a password form for the lead key."""
+    st.title("Concept explorer: lead key needed")
+    st.markdown("This server is protected with a **lead key**. Enter it to open the explorer.  \n"
+                "Taking part in a study? Use the participant link you were given.")
+    err = st.session_state.pop(_KEY_ERROR, None)
+    with st.form("lead_key_form", border=True, width=420):
+        given = st.text_input("Lead key", type="password", key="lead_key_input",
+                              help=f"The value of ${LEAD_KEY_ENV} on the server")
+        ok = st.form_submit_button("Unlock", type="primary", icon=":material/lock_open:")
+    if ok:
+        if _key_matches(given or "", lead_key()):
+            st.session_state[_LEAD_OK] = True
+            st.rerun()
+        err = "Wrong key. Ask whoever runs this server for the lead key."
+    if err:
+        st.error(err, icon=":material/lock:")
+
+
+def lead_page() -> None:
+    """First call of every lead page: ``app.py``'s navigation, and no lead content unless this
+    session is unlocked (a second line of defence: ``app.py`` does not run locked pages)."""
+    ensure_app_navigation()
+    if lead_unlocked():
+        return
+    if participant_session() is not None:
+        st.info("This browser tab belongs to a study participant: only the trials are available. "
+                "Open your participant link again to continue.", icon=":material/lock:")
+    else:
+        lead_key_form()
+    st.stop()
 
 
 # --------------------------------------------------------------------------------------------
@@ -504,19 +598,31 @@ def provenance(ws: Any, lm: Any, ref: Any) -> None:
 def concept_grid(ws: Any, lm: Any, explanation: Any, exclude_target: bool,
                  key_prefix: str) -> None:
     """Per concept: the m nearest crops in a grid, each with provenance in a popover."""
+    unreadable: list[str] = []
     for con in explanation.concepts:
         refs = con.top_crops(exclude_target)
         st.markdown(f"#### Concept {con.index + 1} · importance {con.importance:.0%}")
         cols = st.columns(max(1, len(refs)))
         for j, (col, ref) in enumerate(zip(cols, refs)):
             with col:
-                st.image(upscale(crop_pic(ws, ref.crop_id), 96), width=96,
-                         caption=f"#{ref.crop_id}")
+                try:
+                    pic = upscale(crop_pic(ws, ref.crop_id), 96)
+                except ExplorerError as err:  # e.g. the image folder moved since the build
+                    unreadable.append(str(err))
+                    st.caption(f"#{ref.crop_id} unreadable")
+                    continue
+                st.image(pic, width=96, caption=f"#{ref.crop_id}")
                 with st.popover("where from"):
-                    provenance(ws, lm, ref)
+                    with guard("showing where the crop comes from"):
+                        provenance(ws, lm, ref)
         if not refs:
             st.warning("No crops found for this concept (the crop bank may be empty after "
                        "excluding the target class).")
+    if unreadable:
+        st.error(f"{len(unreadable)} crops could not be drawn: {unreadable[0]}. The workspace's "
+                 "images may have moved or been deleted since its catalog was built; put them "
+                 "back, or create the workspace again on the Workspace page.",
+                 icon=":material/broken_image:")
 
 
 def heatmaps(ws: Any, lm: Any, explanation: Any, n_images: int) -> None:

@@ -7,7 +7,7 @@ import streamlit as st
 
 from pages import _ui
 
-_ui.ensure_app_navigation()
+_ui.lead_page()
 
 st.title("Contrast two classes")
 ws, cat, lm = _ui.context()
@@ -128,14 +128,24 @@ with _ui.guard("running the shifting test"):
     sp_key = ("shift_one", key, tuple(sample), float(t))
     per_image = _ui.results_store().get(sp_key)
     if per_image is None:
+        import numpy as np
+        import torch
+
+        from explainer.hooks import shifted_layer
+
+        # the shifting test's forward (same hook as shift_test), kept per image: softmax (8, K)
         pix = cat.image_pixels(sample, lm)
-        per_image = _ui.results_store().put(sp_key, [
-            shift_test(lm, ws.layer, pix[i:i + 1], clf.weight, int(a), int(b), [float(t)])
-            for i in range(len(sample))])
+        w = torch.as_tensor(np.asarray(clf.weight), dtype=torch.float32).to(lm.device)
+        with shifted_layer(lm.module(ws.layer), w, float(t)), torch.inference_mode():
+            per_image = _ui.results_store().put(
+                sp_key, torch.softmax(lm.logits(pix), dim=1).numpy())
+    st.caption(f"The first {len(sample)} images of {names[b]} at offset t = {t:g}: P(A), P(B) "
+               "and the class the model now predicts.")
     cols = st.columns(max(1, len(sample)))
-    for col, image_id, r in zip(cols, sample, per_image):
-        pa, pb = r.mean_prob_a[0], r.mean_prob_b[0]
+    for col, image_id, p in zip(cols, sample, per_image):
+        pa, pb, pred = float(p[a]), float(p[b]), int(p.argmax())
         col.image(_ui.upscale(_ui.image_pic(ws, image_id), 128), width=128,
                   caption=f"image {image_id}")
+        tag = ("→ A" if pred == a else "stays B" if pred == b else "→ other")
         col.markdown(f"P(A) **{pa:.2f}**  \nP(B) {pb:.2f}  \n"
-                     f"{'→ A' if pa > pb else 'stays B'}")
+                     f"predicted **{_ui.class_name(lm, pred)}** ({float(p[pred]):.2f}) {tag}")

@@ -7,7 +7,7 @@ import streamlit as st
 
 from pages import _ui
 
-_ui.ensure_app_navigation()
+_ui.lead_page()
 
 st.title("Explain a class")
 ws, cat, lm = _ui.context()

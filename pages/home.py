@@ -10,7 +10,7 @@ import streamlit as st
 from explainer.errors import ExplorerError
 from pages import _ui
 
-_ui.ensure_app_navigation()
+_ui.lead_page()
 
 st.title("Concept explorer")
 st.caption("Concept based explanations and class contrasting (Herdt & Otero Baguer): pick a "

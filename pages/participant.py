@@ -1,5 +1,6 @@
 """Intruder study, the participant's side: only the trials. Reached by a link
-``?study=<token>&participant=<id>``; ``app.py`` registers no other page in that case."""
+``?study=<token>&participant=<id>``; ``app.py`` registers no other page in that case, and the
+session stays participant-only (see ``_ui.participant_session``)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,11 @@ from pages import _ui
 
 _ui.ensure_app_navigation()
 
-token = st.query_params.get("study", "")
-participant = st.query_params.get("participant", "")
+# from the link; remembered in the session (a participant-only session), so the trials stay
+# even when the query parameters are dropped
+_link = _ui.participant_session() or {}
+token = _link.get("study", "")
+participant = _link.get("participant", "")
 
 
 @st.cache_resource(show_spinner=False, max_entries=32)
@@ -38,6 +42,7 @@ def _page() -> None:
             if st.form_submit_button("Start", type="primary"):
                 pid = S.register_participant(study, name)
                 st.query_params["participant"] = pid
+                st.session_state[_ui.PARTICIPANT_KEY]["participant"] = pid
                 st.rerun()
         return
     reg = st.session_state.setdefault("_registered", {})

@@ -8,12 +8,22 @@ import streamlit as st
 from explainer import study as S
 from pages import _ui
 
-_ui.ensure_app_navigation()
+_ui.lead_page()
 
 st.title("Intruder detection study")
 st.caption("A trial shows 5 crops: 4 from one concept of a class and 1 intruder from another "
            "concept of the same class; participants click the intruder. Chance is 20 %; the "
            "paper reports 77 % (4 concepts).")
+if _ui.lead_key():
+    st.caption(f":material/lock: The lead's pages are protected: `${_ui.LEAD_KEY_ENV}` is set on "
+               "this server. Participants open only their trials through their link; a browser "
+               "without the key sees a password form on every other page.")
+else:
+    st.warning(f"**No lead key is set.** Anyone with a participant link who edits the URL can "
+               f"reach these pages, including every participant's answers. Before handing out "
+               f"links, restart the server with `{_ui.LEAD_KEY_ENV}=<a secret>`; you then enter "
+               "the key once per browser session (or open a link with `?key=<secret>`).",
+               icon=":material/lock_open:")
 ws, cat, lm = _ui.context()
 counts = _ui.class_counts(ws)
 names = lm.class_names

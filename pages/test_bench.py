@@ -13,7 +13,7 @@ import streamlit as st
 from explainer.errors import ExplorerError
 from pages import _ui
 
-_ui.ensure_app_navigation()
+_ui.lead_page()
 
 st.title("Test bench")
 ws, cat, lm = _ui.context()

@@ -14,35 +14,14 @@ APP = str(ROOT / "app.py")
 T = 900  # seconds: an explanation on 2 busy CPU cores
 
 
-@pytest.fixture(scope="session")
-def demo_home(tmp_path_factory) -> Path:
-    """``CONCEPT_EXPLORER_HOME`` for the session (a tmp dir; the demo workspace is built once)."""
-    home = tmp_path_factory.getbasetemp() / "concept_explorer_home"
-    home.mkdir(exist_ok=True)
-    old = os.environ.get("CONCEPT_EXPLORER_HOME")
-    os.environ["CONCEPT_EXPLORER_HOME"] = str(home)
-    yield home
-    if old is None:
-        os.environ.pop("CONCEPT_EXPLORER_HOME", None)
-    else:
-        os.environ["CONCEPT_EXPLORER_HOME"] = old
-
-
-@pytest.fixture(scope="session")
-def demo_ws(demo_home):
-    """The demo workspace (world + catalog), built once per session via ensure_demo_workspace."""
-    try:
-        from explainer.demo.model import DemoWeightsMissing
-    except ImportError:  # pragma: no cover
-        DemoWeightsMissing = FileNotFoundError  # type: ignore
-    from data_index.demo import ensure_demo_workspace
-
-    try:
-        return ensure_demo_workspace(home=demo_home)
-    except DemoWeightsMissing as exc:  # the demo CNN is trained by `python -m explainer.demo.train`
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"demo model weights missing: {exc}")
+@pytest.fixture
+def demo_ws(demo_workspace, monkeypatch):
+    """The shared ``demo`` workspace (``demo_workspace`` in tests/conftest.py: built once per
+    pytest session for every test file), with ``CONCEPT_EXPLORER_HOME`` pointing at its parent so
+    the app opens it by name. No lead key unless a test sets one."""
+    monkeypatch.setenv("CONCEPT_EXPLORER_HOME", str(demo_workspace.root.parent))
+    monkeypatch.delenv("CONCEPT_EXPLORER_LEAD_KEY", raising=False)
+    return demo_workspace
 
 
 def pick_classes(ws) -> tuple[int, int, list[str]]:
@@ -153,7 +132,11 @@ def test_contrast_page_classifier_and_shift_curve(demo_ws):
     assert traces[0]["y"][-1] >= traces[0]["y"][0]
     # the offset slider shows 8 sample images of B with their predictions
     at.select_slider(key="co_offset").set_value(200.0).run()
-    assert sum(1 for m in at.markdown if "P(A)" in m.value) == 8
+    assert not at.exception, at.exception
+    shown = [m.value for m in at.markdown if "P(A)" in m.value]
+    assert len(shown) == 8
+    # each sample image with the class it is now predicted as, by name
+    assert all(any(f"predicted **{n}**" in v for n in names) for v in shown), shown
 
 
 def test_test_bench_stitch_and_bad_input(demo_ws):
@@ -185,6 +168,8 @@ def test_study_lead_and_participant(demo_ws):
     at = _app(ws="demo")
     at.switch_page("pages/study.py").run()
     assert not at.exception, at.exception
+    # without CONCEPT_EXPLORER_LEAD_KEY the lead is told that participants could get in
+    assert any("No lead key" in w.value for w in at.warning)
     at.multiselect(key="st_classes").set_value([a, b])
     at.number_input(key="st_trials").set_value(5)
     at.button(key="st_create").click().run()
@@ -212,3 +197,120 @@ def test_study_lead_and_participant(demo_ws):
     # a bad link is an error message, not a traceback
     bad = _app(study="nope-token", participant="x").run()
     assert any("unknown" in e.value for e in bad.error)
+
+
+# ---- access control: the lead key and participant-only sessions --------------------------------
+
+KEY = "lead-secret-42"
+LEAD_PAGES = ("pages/home.py", "pages/explain.py", "pages/contrast.py", "pages/test_bench.py",
+              "pages/study.py")
+LEAD_TITLES = {"Concept explorer", "Explain a class", "Contrast two classes", "Test bench",
+               "Intruder detection study"}
+
+
+def _lead_content(at) -> list[str]:
+    """What of a lead page was rendered (empty: nothing)."""
+    found = [t.value for t in at.title if t.value in LEAD_TITLES]
+    found += [f"metric {m.label}" for m in at.metric]
+    found += [f"dataframe {i}" for i, _ in enumerate(at.dataframe)]
+    found += [f"selectbox {s.label}" for s in at.selectbox]
+    found += [f"multiselect {s.label}" for s in at.multiselect]
+    found += [f"code {c.value}" for c in at.code]
+    return found
+
+
+def _locked(at) -> bool:
+    return [t.label for t in at.text_input] == ["Lead key"] and not _lead_content(at)
+
+
+def test_lead_key_locks_every_lead_page(demo_ws, monkeypatch):
+    monkeypatch.setenv("CONCEPT_EXPLORER_LEAD_KEY", KEY)
+    for page in LEAD_PAGES:
+        at = _app(ws="demo")
+        if page != "pages/home.py":
+            at.switch_page(page)
+        at.run()
+        assert not at.exception, (page, at.exception)
+        assert _locked(at), (page, _lead_content(at))
+    # second line of defence: each lead page run on its own (app.py bypassed) is locked too
+    from streamlit.testing.v1 import AppTest
+
+    for page in LEAD_PAGES:
+        direct = AppTest.from_file(str(ROOT / page), default_timeout=T)
+        direct.query_params["ws"] = "demo"
+        direct.run()
+        assert not direct.exception, (page, direct.exception)
+        assert _locked(direct), (page, _lead_content(direct))
+    # a wrong key is a message, still locked; the right one opens the page that was asked for
+    # (AppTest runs app.py only on a test's first run and the page file directly afterwards, and
+    # widget ids depend on the running script, so the form is driven from a page run)
+    at = _app(ws="demo").run()
+    at.switch_page("pages/explain.py").run()
+    at.text_input(key="lead_key_input").input("wrong")
+    at.button[0].click().run()
+    assert _locked(at) and any("Wrong key" in e.value for e in at.error)
+    at.text_input(key="lead_key_input").input(KEY)
+    at.button[0].click().run()
+    assert not at.exception, at.exception
+    assert [t.value for t in at.title] == ["Explain a class"]
+    # once per browser session: other pages open without the key again
+    at.switch_page("pages/home.py").run()
+    assert int({m.label: m.value for m in at.metric}["Images"]) > 100
+    at.switch_page("pages/study.py").run()
+    assert not any("No lead key" in w.value for w in at.warning)
+
+
+def test_lead_key_in_the_url_unlocks_and_leaves_the_url(demo_ws, monkeypatch):
+    monkeypatch.setenv("CONCEPT_EXPLORER_LEAD_KEY", KEY)
+    at = _app(ws="demo", key=KEY).run()
+    assert not at.exception, at.exception
+    assert "key" not in at.query_params
+    assert int({m.label: m.value for m in at.metric}["Images"]) > 100
+    bad = _app(ws="demo", key="nope").run()
+    assert "key" not in bad.query_params
+    assert _locked(bad) and any("wrong" in e.value for e in bad.error)
+
+
+@pytest.mark.parametrize("lead_key", ["", KEY])
+def test_participant_session_never_reaches_lead_pages(demo_ws, monkeypatch, lead_key):
+    from explainer import study as S
+
+    monkeypatch.setenv("CONCEPT_EXPLORER_LEAD_KEY", lead_key)
+    crops = {0: [list(range(0, 8)), list(range(8, 16))]}
+    study = S.create_study_from_crops(S.study_path(demo_ws), "demo", crops,
+                                      trials_per_participant=3, seed=0)
+    pt = _app(study=study.token, participant="bob").run()
+    assert not pt.exception, pt.exception
+    assert len(pt.image) == 5 and not _lead_content(pt)
+    # app.py registered only the participant page: the lead pages cannot be navigated to
+    for page in LEAD_PAGES:
+        with pytest.raises(ValueError, match="Could not find a navigation page"):
+            pt.switch_page(page)
+    # the participant drops the query parameters (and adds the key): still only the trials
+    for k in list(pt.query_params):
+        del pt.query_params[k]
+    if lead_key:
+        pt.query_params["key"] = lead_key
+    pt.run()
+    assert not pt.exception, pt.exception
+    assert [t.value for t in pt.title] == ["Find the odd one out"]
+    assert len(pt.image) == 5 and not _lead_content(pt)
+    # each lead page run on its own (app.py bypassed) in a participant session shows nothing
+    from streamlit.testing.v1 import AppTest
+
+    for page in LEAD_PAGES:
+        direct = AppTest.from_file(str(ROOT / page), default_timeout=T)
+        direct.session_state["_participant_link"] = {"study": study.token, "participant": "bob"}
+        direct.query_params["ws"] = "demo"
+        direct.run()
+        assert not direct.exception, (page, direct.exception)
+        assert not _lead_content(direct) and not direct.text_input, (page, _lead_content(direct))
+        assert any("study participant" in i.value for i in direct.info)
+    # a fresh run of app.py in a session marked participant-only routes to the trials only
+    fresh = _app(ws="demo")
+    fresh.session_state["_participant_link"] = {"study": study.token, "participant": "bob"}
+    fresh.run()
+    assert not fresh.exception, fresh.exception
+    assert [t.value for t in fresh.title] == ["Find the odd one out"]
+    assert len(fresh.image) == 5 and not _lead_content(fresh)
+    S.close_all()

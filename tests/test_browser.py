@@ -1,6 +1,7 @@
-"""End to end in a real headless Chromium: the app on the demo workspace, an explanation with 8
-crops per concept, the exclusion toggle, then a participant answering 3 intruder trials, a server
-kill + restart, and the participant continuing at trial 4 with exactly 3 answers in DuckDB.
+"""End to end in a real headless Chromium, the server started with a lead key: the lead-key form,
+then the app on the demo workspace, an explanation with 8 crops per concept, the exclusion toggle,
+a look at every other lead page, then a participant (no key) answering 3 intruder trials, a
+server kill + restart, and the participant continuing at trial 4 with exactly 3 answers in DuckDB.
 
 Needs Debian's ``chromium`` (driven by the PyPI ``playwright`` package, no browser download).
 Skipped only when chromium is absent and ``CI`` is not set; in CI it must run.
@@ -9,6 +10,7 @@ Screenshots go to ``artifacts/screenshots/``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -33,7 +35,13 @@ if CHROMIUM is None and not os.environ.get("CI"):
     pytest.skip("chromium is not installed (apt-get install -y chromium); the real-browser "
                 "test runs in CI", allow_module_level=True)
 
-from tests.test_app_pages import demo_home, demo_ws  # noqa: E402,F401 - shared fixtures
+KEY = "browser-lead-key"
+
+
+@pytest.fixture
+def demo_home(demo_workspace) -> Path:
+    """``CONCEPT_EXPLORER_HOME`` of the shared demo workspace (tests/conftest.py)."""
+    return demo_workspace.root.parent
 
 
 def _free_port() -> int:
@@ -54,7 +62,8 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 180) -> None:
-        env = dict(os.environ, CONCEPT_EXPLORER_HOME=str(self.home), PYTHONUNBUFFERED="1")
+        env = dict(os.environ, CONCEPT_EXPLORER_HOME=str(self.home), PYTHONUNBUFFERED="1",
+                   CONCEPT_EXPLORER_LEAD_KEY=KEY)
         fh = open(self.log, "a")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
@@ -106,14 +115,26 @@ def _crop_captions(page) -> list[str]:
         has_text=re.compile(r"^#\d+$")).all_inner_texts()
 
 
+@contextlib.contextmanager
+def _shot_on_failure(page, name: str):
+    """A screenshot of the page as it was when a step failed (CI artifact)."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):
+            page.screenshot(path=str(SHOTS / name), full_page=True)
+        raise
+
+
 @pytest.mark.timeout(1800)
-def test_browser_end_to_end(demo_ws, demo_home, tmp_path):  # noqa: F811
+def test_browser_end_to_end(demo_workspace, demo_home, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
     from explainer import study as S
     from tests.test_app_pages import pick_classes
 
     SHOTS.mkdir(parents=True, exist_ok=True)
+    demo_ws = demo_workspace
     cls_a, cls_b, names = pick_classes(demo_ws)
     server = Server(demo_home, _free_port(), tmp_path / "streamlit.log")
     server.start()
@@ -123,51 +144,85 @@ def test_browser_end_to_end(demo_ws, demo_home, tmp_path):  # noqa: F811
                                         headless=True)
             page = browser.new_page(viewport={"width": 1500, "height": 1100})
             page.set_default_timeout(120_000)
-            # ---- explain a class -----------------------------------------------------------
-            page.goto(f"{server.url}/explain?ws=demo&a={names[cls_a]}&n=4")
-            _wait_idle(page, T_LONG)
-            page.get_by_role("button", name="Explain", exact=True).click()
-            expect(page.locator("[data-testid='stImageCaption']").filter(
-                has_text=re.compile(r"^#\d+$"))).to_have_count(32, timeout=T_LONG)
-            # a fresh server's first request is a page URL: app.py's navigation must still rule
-            nav = page.locator("[data-testid='stSidebarNav']")
-            expect(nav).to_contain_text("Explain a class")
-            expect(nav).not_to_contain_text("participant")
-            before = _crop_captions(page)
-            assert len(before) == 32 and len(set(before[:8])) == 8
-            expect(page.get_by_text(re.compile("PASS|FAIL")).first).to_be_visible()
-            page.screenshot(path=str(SHOTS / "explain.png"), full_page=True)
-            _wait_idle(page)
-            page.get_by_text("Exclude target-class crops").click()
-            page.wait_for_function("() => new URL(location.href).searchParams.get('excl') "
-                                   "=== '1'", timeout=60_000)
-            expect(page.locator("[data-testid='stImageCaption']").filter(
-                has_text=re.compile(r"^#\d+$"))).to_have_count(32, timeout=60_000)
-            page.wait_for_function(
-                "(b) => { const c = [...document.querySelectorAll("
-                "\"[data-testid='stImageCaption']\")].map(e => e.innerText)"
-                ".filter(t => /^#\\d+$/.test(t)); return c.length === 32 && "
-                "c.join() !== b.join(); }", arg=before, timeout=60_000)
-            after = _crop_captions(page)
-            assert after != before
-            page.screenshot(path=str(SHOTS / "explain_excluded.png"), full_page=True)
-
-            # ---- a study created by the lead, answered by a participant ------------------
-            study = S.create_study(demo_ws, [cls_a, cls_b], n_concepts=4,
-                                   trials_per_participant=6, seed=3)
-            token, path = study.token, study.path
-            S.close_all()  # the server process is the one writer from now on
-            link = f"{server.url}/?study={token}&participant=alice"
-            page.goto(link)
-            for k in range(1, 4):
-                expect(page.get_by_text(f"Trial {k} of 6")).to_be_visible(timeout=120_000)
-                expect(page.locator("[data-testid='stSidebarNav']")).to_have_count(0)
-                expect(page.locator("[data-testid='stImage']")).to_have_count(5)
-                if k == 1:
-                    page.screenshot(path=str(SHOTS / "participant_trial1.png"), full_page=True)
+            with _shot_on_failure(page, "failure_lead.png"):
+                # ---- the lead key: a fresh browser sees only the form --------------------------
+                page.goto(f"{server.url}/explain?ws=demo&a={names[cls_a]}&n=4")
+                expect(page.get_by_text("lead key needed")).to_be_visible(timeout=T_LONG)
+                _wait_idle(page, T_LONG)
+                expect(page.get_by_text("Explain a class")).to_have_count(0)
+                page.screenshot(path=str(SHOTS / "lead_key_form.png"), full_page=True)
+                page.get_by_label("Lead key", exact=True).and_(page.locator("input")).fill(KEY)
+                page.get_by_role("button", name="Unlock").click()
+                # ---- explain a class (the page asked for, once unlocked) -------------------------
+                expect(page.get_by_role("heading", name="Explain a class")).to_be_visible(
+                    timeout=T_LONG)
+                _wait_idle(page, T_LONG)
+                page.get_by_role("button", name="Explain", exact=True).click()
+                expect(page.locator("[data-testid='stImageCaption']").filter(
+                    has_text=re.compile(r"^#\d+$"))).to_have_count(32, timeout=T_LONG)
+                # a fresh server's first request is a page URL: app.py's navigation must still rule
+                nav = page.locator("[data-testid='stSidebarNav']")
+                expect(nav).to_contain_text("Explain a class")
+                expect(nav).not_to_contain_text("participant")
+                before = _crop_captions(page)
+                assert len(before) == 32 and len(set(before[:8])) == 8
+                expect(page.get_by_text(re.compile("PASS|FAIL")).first).to_be_visible()
+                page.screenshot(path=str(SHOTS / "explain.png"), full_page=True)
                 _wait_idle(page)
-                page.get_by_role("button", name=f"Odd one: {k}").click()
-            expect(page.get_by_text("Trial 4 of 6")).to_be_visible(timeout=120_000)
+                page.get_by_text("Exclude target-class crops").click()
+                page.wait_for_function("() => new URL(location.href).searchParams.get('excl') "
+                                       "=== '1'", timeout=60_000)
+                expect(page.locator("[data-testid='stImageCaption']").filter(
+                    has_text=re.compile(r"^#\d+$"))).to_have_count(32, timeout=60_000)
+                page.wait_for_function(
+                    "(b) => { const c = [...document.querySelectorAll("
+                    "\"[data-testid='stImageCaption']\")].map(e => e.innerText)"
+                    ".filter(t => /^#\\d+$/.test(t)); return c.length === 32 && "
+                    "c.join() !== b.join(); }", arg=before, timeout=60_000)
+                after = _crop_captions(page)
+                assert after != before
+                _wait_idle(page)
+                page.screenshot(path=str(SHOTS / "explain_excluded.png"), full_page=True)
+
+                # ---- a study created by the lead (before the server opens the study file) ------
+                study = S.create_study(demo_ws, [cls_a, cls_b], n_concepts=4,
+                                       trials_per_participant=6, seed=3)
+                token, path = study.token, study.path
+                S.close_all()  # the server process is the one writer from now on
+
+                # ---- the other lead pages, through the sidebar (same session: no key again) -------
+                nav.get_by_text("Contrast two classes").click()
+                _wait_idle(page, T_LONG)
+                page.get_by_role("button", name="Contrast", exact=True).click()
+                expect(page.locator("[data-testid='stPlotlyChart']")).to_have_count(1, timeout=T_LONG)
+                expect(page.get_by_text("Offset t", exact=True)).to_be_visible(timeout=T_LONG)
+                _wait_idle(page, T_LONG)
+                page.screenshot(path=str(SHOTS / "contrast.png"), full_page=True)
+                for label, shot in (("Test bench", "test_bench"), ("Intruder study", "study"),
+                                    ("Workspace", "home")):
+                    nav.get_by_text(label, exact=True).click()
+                    _wait_idle(page, T_LONG)
+                    expect(page.locator("[data-testid='stException']")).to_have_count(0)
+                    page.screenshot(path=str(SHOTS / f"{shot}.png"), full_page=True)
+                # ?key= in a link unlocks a fresh session and leaves the address bar at once
+                page.goto(f"{server.url}/?ws=demo&key={KEY}")
+                expect(page.get_by_text("Crops", exact=True).first).to_be_visible(timeout=T_LONG)
+                page.wait_for_function("() => !new URL(location.href).searchParams.has('key')",
+                                       timeout=60_000)
+
+                # ---- a participant answers the lead's study ----------------------------------
+                link = f"{server.url}/?study={token}&participant=alice"
+                page.goto(link)
+                for k in range(1, 4):
+                    expect(page.get_by_text(f"Trial {k} of 6")).to_be_visible(timeout=120_000)
+                    expect(page.locator("[data-testid='stSidebarNav']")).to_have_count(0)
+                    expect(page.locator("[data-testid='stImage']")).to_have_count(5)
+                    _wait_idle(page)
+                    if k == 1:
+                        expect(page.get_by_role("button", name="Odd one: 5")).to_be_visible()
+                        page.screenshot(path=str(SHOTS / "participant_trial1.png"), full_page=True)
+                    page.get_by_role("button", name=f"Odd one: {k}").click()
+                expect(page.get_by_text("Trial 4 of 6")).to_be_visible(timeout=120_000)
             browser.close()
         server.kill()
         rows = _answers(path, token)
@@ -182,6 +237,7 @@ def test_browser_end_to_end(demo_ws, demo_home, tmp_path):  # noqa: F811
             page.goto(link)
             expect(page.get_by_text("Trial 4 of 6")).to_be_visible(timeout=120_000)
             expect(page.locator("[data-testid='stImage']")).to_have_count(5)
+            _wait_idle(page)
             page.screenshot(path=str(SHOTS / "participant_after_restart.png"), full_page=True)
             browser.close()
         server.kill()
