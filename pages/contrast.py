@@ -114,6 +114,7 @@ with _ui.guard("running the shifting test"):
                              name=f"P({names[a]}) (A)"))
     fig.add_trace(go.Scatter(x=xs, y=shift.mean_prob_b, mode="lines+markers",
                              name=f"P({names[b]}) (B)"))
+    fig.update_xaxes(type="category")  # numeric-looking strings would get a linear axis
     fig.update_layout(xaxis_title="offset t (categorical)", yaxis_title="mean softmax",
                       yaxis_range=[0, 1], height=340, margin=dict(l=10, r=10, t=30, b=10))
     st.plotly_chart(fig, key="co_shift_chart")
@@ -144,8 +145,7 @@ with _ui.guard("running the shifting test"):
     cols = st.columns(max(1, len(sample)))
     for col, image_id, p in zip(cols, sample, per_image):
         pa, pb, pred = float(p[a]), float(p[b]), int(p.argmax())
-        col.image(_ui.upscale(_ui.image_pic(ws, image_id), 128), width=128,
+        col.image(_ui.upscale(_ui.image_pic(ws, image_id), 128), width="stretch",
                   caption=f"image {image_id}")
-        tag = ("→ A" if pred == a else "stays B" if pred == b else "→ other")
         col.markdown(f"P(A) **{pa:.2f}**  \nP(B) {pb:.2f}  \n"
-                     f"predicted **{_ui.class_name(lm, pred)}** ({float(p[pred]):.2f}) {tag}")
+                     f"predicted **{_ui.class_name(lm, pred)}**")

@@ -74,7 +74,10 @@ with _ui.guard("reading the studies"):
     st.caption("Or hand out the link without a participant; they enter their name first:")
     st.code(f"{base}?study={study.token}", language=None)
 
-    st.subheader("Results")
+    head, refresh = st.columns([5, 1], vertical_alignment="bottom")
+    head.subheader("Results")
+    refresh.button("Refresh", icon=":material/refresh:", key="st_refresh",
+                   help="Answers are stored as participants give them; refresh to see new ones")
     res = S.study_results(study, names)
     o = res.overall
     m = st.columns(4)
@@ -88,11 +91,20 @@ with _ui.guard("reading the studies"):
                  "accuracy": round(s.accuracy, 4), "CI low": round(s.ci_low, 4),
                  "CI high": round(s.ci_high, 4), "p vs 20 %": s.p_value} for s in stats]
 
+    if not o.n:
+        st.info("No answers yet. Hand out the participant links above; answers appear here as "
+                "they are given.", icon=":material/hourglass_empty:")
+        st.stop()
+    pct = st.column_config.NumberColumn(format="percent")
+    cfg = {"accuracy": pct, "CI low": pct, "CI high": pct,
+           "p vs 20 %": st.column_config.NumberColumn(format="%.2g")}
     c1, c2 = st.columns(2)
     c1.markdown("**Per participant**")
-    c1.dataframe(_table(res.per_participant, "participant"), hide_index=True, key="st_pp")
+    c1.dataframe(_table(res.per_participant, "participant"), hide_index=True, key="st_pp",
+                 column_config=cfg)
     c2.markdown("**Per class**")
-    c2.dataframe(_table(res.per_class, "class"), hide_index=True, key="st_pc")
+    c2.dataframe(_table(res.per_class, "class"), hide_index=True, key="st_pc",
+                 column_config=cfg)
     st.download_button("Download answers (CSV)", S.answers_csv(study),
                        file_name=f"study_{study.study_id}_answers.csv", mime="text/csv",
                        key="st_csv")

@@ -115,6 +115,22 @@ def _crop_captions(page) -> list[str]:
         has_text=re.compile(r"^#\d+$")).all_inner_texts()
 
 
+def _shot(page, name: str) -> None:
+    """A screenshot of the whole page: Streamlit scrolls inside its main section, so the
+    viewport is stretched to the content's height for the shot."""
+    size = page.viewport_size
+    h = page.evaluate("() => Math.max(...[...document.querySelectorAll("
+                      "\"[data-testid='stMain'], [data-testid='stMainBlockContainer']\")]"
+                      ".map(e => e.scrollHeight), 0)")
+    if h > size["height"]:
+        page.set_viewport_size({"width": size["width"], "height": min(int(h) + 40, 8000)})
+        page.wait_for_load_state()
+    try:
+        page.screenshot(path=str(SHOTS / name), full_page=True)
+    finally:
+        page.set_viewport_size(size)
+
+
 @contextlib.contextmanager
 def _shot_on_failure(page, name: str):
     """A screenshot of the page as it was when a step failed (CI artifact)."""
@@ -122,7 +138,7 @@ def _shot_on_failure(page, name: str):
         yield
     except BaseException:
         with contextlib.suppress(Exception):
-            page.screenshot(path=str(SHOTS / name), full_page=True)
+            _shot(page, name)
         raise
 
 
@@ -150,7 +166,7 @@ def test_browser_end_to_end(demo_workspace, demo_home, tmp_path):
                 expect(page.get_by_text("lead key needed")).to_be_visible(timeout=T_LONG)
                 _wait_idle(page, T_LONG)
                 expect(page.get_by_text("Explain a class")).to_have_count(0)
-                page.screenshot(path=str(SHOTS / "lead_key_form.png"), full_page=True)
+                _shot(page, "lead_key_form.png")
                 page.get_by_label("Lead key", exact=True).and_(page.locator("input")).fill(KEY)
                 page.get_by_role("button", name="Unlock").click()
                 # ---- explain a class (the page asked for, once unlocked) -------------------------
@@ -167,7 +183,7 @@ def test_browser_end_to_end(demo_workspace, demo_home, tmp_path):
                 before = _crop_captions(page)
                 assert len(before) == 32 and len(set(before[:8])) == 8
                 expect(page.get_by_text(re.compile("PASS|FAIL")).first).to_be_visible()
-                page.screenshot(path=str(SHOTS / "explain.png"), full_page=True)
+                _shot(page, "explain.png")
                 _wait_idle(page)
                 page.get_by_text("Exclude target-class crops").click()
                 page.wait_for_function("() => new URL(location.href).searchParams.get('excl') "
@@ -182,7 +198,7 @@ def test_browser_end_to_end(demo_workspace, demo_home, tmp_path):
                 after = _crop_captions(page)
                 assert after != before
                 _wait_idle(page)
-                page.screenshot(path=str(SHOTS / "explain_excluded.png"), full_page=True)
+                _shot(page, "explain_excluded.png")
 
                 # ---- a study created by the lead (before the server opens the study file) ------
                 study = S.create_study(demo_ws, [cls_a, cls_b], n_concepts=4,
@@ -197,13 +213,13 @@ def test_browser_end_to_end(demo_workspace, demo_home, tmp_path):
                 expect(page.locator("[data-testid='stPlotlyChart']")).to_have_count(1, timeout=T_LONG)
                 expect(page.get_by_text("Offset t", exact=True)).to_be_visible(timeout=T_LONG)
                 _wait_idle(page, T_LONG)
-                page.screenshot(path=str(SHOTS / "contrast.png"), full_page=True)
+                _shot(page, "contrast.png")
                 for label, shot in (("Test bench", "test_bench"), ("Intruder study", "study"),
                                     ("Workspace", "home")):
                     nav.get_by_text(label, exact=True).click()
                     _wait_idle(page, T_LONG)
                     expect(page.locator("[data-testid='stException']")).to_have_count(0)
-                    page.screenshot(path=str(SHOTS / f"{shot}.png"), full_page=True)
+                    _shot(page, f"{shot}.png")
                 # ?key= in a link unlocks a fresh session and leaves the address bar at once
                 page.goto(f"{server.url}/?ws=demo&key={KEY}")
                 expect(page.get_by_text("Crops", exact=True).first).to_be_visible(timeout=T_LONG)
@@ -220,7 +236,7 @@ def test_browser_end_to_end(demo_workspace, demo_home, tmp_path):
                     _wait_idle(page)
                     if k == 1:
                         expect(page.get_by_role("button", name="Odd one: 5")).to_be_visible()
-                        page.screenshot(path=str(SHOTS / "participant_trial1.png"), full_page=True)
+                        _shot(page, "participant_trial1.png")
                     page.get_by_role("button", name=f"Odd one: {k}").click()
                 expect(page.get_by_text("Trial 4 of 6")).to_be_visible(timeout=120_000)
             browser.close()
@@ -238,7 +254,17 @@ def test_browser_end_to_end(demo_workspace, demo_home, tmp_path):
             expect(page.get_by_text("Trial 4 of 6")).to_be_visible(timeout=120_000)
             expect(page.locator("[data-testid='stImage']")).to_have_count(5)
             _wait_idle(page)
-            page.screenshot(path=str(SHOTS / "participant_after_restart.png"), full_page=True)
+            _shot(page, "participant_after_restart.png")
+            # the lead's results page (key in the link) counts alice's 3 answers
+            page.goto(f"{server.url}/study?ws=demo&key={KEY}")
+            expect(page.get_by_text("Per participant", exact=True)).to_be_visible(timeout=120_000)
+            _wait_idle(page)
+            metric = page.locator("[data-testid='stMetric']").filter(has_text="Answers")
+            expect(metric.locator("[data-testid='stMetricValue']")).to_have_text("3")
+            # the tables are drawn on canvases loaded after the script run: wait for them
+            expect(page.locator("[data-testid='stDataFrame'] canvas")).not_to_have_count(0)
+            expect(page.get_by_role("button", name="Download answers (CSV)")).to_be_visible()
+            _shot(page, "study_results.png")
             browser.close()
         server.kill()
         assert len(_answers(path, token)) == 3
