@@ -563,22 +563,27 @@ def heat_overlay(img: np.ndarray, heat: np.ndarray, vmax: float) -> np.ndarray:
 # shared renderers
 
 
-def prediction_mark(pt: Any, lm: Any, *, container: Any = None) -> None:
-    """PASS/FAIL of a prediction test, with the stitched image and P(A)."""
+def prediction_mark(pt: Any, lm: Any, *, container: Any = None, explanation: bool = True) -> None:
+    """PASS/FAIL of a prediction test, with the stitched image and P(A). ``explanation=False``
+    for crops the user picked (test bench): no verdict on an explanation then."""
     box = container or st
     a = class_name(lm, pt.target)
     pred = class_name(lm, pt.predicted)
+    what = "the stitched top crops" if explanation else "the stitched crops"
     c1, c2 = box.columns([1, 4])
-    c1.image(upscale(pt.stitched, 64), caption="stitched top-1 crops", width=72)
+    c1.image(upscale(pt.stitched, 64),
+             caption="stitched top-1 crops" if explanation else "stitched crops", width=72)
     if pt.passed:
-        c2.success(f"PASS — the stitched top crops are classified as **{a}** "
+        c2.success(f"PASS — {what} are classified as **{a}** "
                    f"(P({a}) = {pt.prob_target:.3f}).", icon=":material/check_circle:")
     else:
-        c2.error(f"FAIL — the stitched top crops are classified as **{pred}** "
-                 f"(P = {pt.prob_predicted:.3f}), P({a}) = {pt.prob_target:.3f}. "
-                 "This explanation is not to be trusted.", icon=":material/cancel:")
-    c2.caption(f"Prediction test (paper §4.3): crops {', '.join(map(str, pt.crop_ids))}, "
-               f"target-class crops {'excluded' if pt.exclude_target else 'allowed'}.")
+        c2.error(f"FAIL — {what} are classified as **{pred}** "
+                 f"(P = {pt.prob_predicted:.3f}), P({a}) = {pt.prob_target:.3f}."
+                 + (" This explanation is not to be trusted." if explanation else ""),
+                 icon=":material/cancel:")
+    c2.caption(f"Prediction test (paper §4.3): crops {', '.join(map(str, pt.crop_ids))}"
+               + (f", target-class crops {'excluded' if pt.exclude_target else 'allowed'}."
+                  if explanation else "."))
 
 
 def provenance(ws: Any, lm: Any, ref: Any) -> None:

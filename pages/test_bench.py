@@ -60,6 +60,8 @@ with tab_stitch:
     target = _ui.class_picker("Target class", names, counts, key="tb_target", url_key="t")
     picked = st.multiselect("Crops from computed concepts", list(choices),
                             format_func=lambda c: choices.get(c, str(c)), key="tb_pick",
+                            placeholder=(f"pick among {len(choices)} crops of computed concepts"
+                                         if choices else "none yet: run Explain or Contrast"),
                             help="Run Explain or Contrast first to fill this list")
     typed = st.text_input("…or crop ids typed (comma separated)", key="tb_typed",
                           placeholder="e.g. 12, 345, 678")
@@ -71,7 +73,7 @@ with tab_stitch:
             from explainer.faithfulness import prediction_test
 
             pt = prediction_test(lm, cat, ids, int(target), exclude_target=False)
-            _ui.prediction_mark(pt, lm)
+            _ui.prediction_mark(pt, lm, explanation=False)
             probs_row = {"predicted": names[pt.predicted], "P(predicted)": pt.prob_predicted,
                          f"P({names[target]})": pt.prob_target}
             st.dataframe([probs_row], hide_index=True)
@@ -97,7 +99,8 @@ with tab_patch:
             cc1, cc2 = st.columns(2)
             cid = cc1.selectbox("Concept crop", opts, format_func=lambda c: choices.get(c, str(c)),
                                 key="tb_patch_crop", index=None,
-                                placeholder="run Explain/Contrast first, or type an id →")
+                                placeholder=(f"pick one of {len(opts)} concept crops" if opts
+                                             else "run Explain/Contrast first, or type an id →"))
             typed_id = cc2.text_input("…or a crop id", key="tb_patch_crop_typed")
             if typed_id.strip():
                 cid = _parse_ids(typed_id)[0]
