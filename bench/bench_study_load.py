@@ -108,7 +108,12 @@ def bench_server(n_participants: int, n_trials: int, home: Path | None) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, CONCEPT_EXPLORER_HOME=str(home))
+    # as deployed for a study: the lead's pages locked (participants never need the key)
+    import secrets
+
+    env = dict(os.environ, CONCEPT_EXPLORER_HOME=str(home),
+               CONCEPT_EXPLORER_LEAD_KEY=os.environ.get("CONCEPT_EXPLORER_LEAD_KEY")
+               or secrets.token_urlsafe(12))
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py",
                              "--server.headless", "true", "--server.port", str(port),
                              "--server.address", "127.0.0.1"], cwd=ROOT, env=env,
