@@ -139,6 +139,15 @@ def shift_test(lm: LoadedModel, layer: str, images: torch.Tensor, weight: np.nda
 # patch insertion
 
 
+def shifted_probabilities(lm: LoadedModel, layer: str, images: torch.Tensor,
+                          weight: np.ndarray | torch.Tensor, offset: float) -> np.ndarray:
+    """Per-image softmax ``(B, K)`` with ``layer``'s output replaced by ``relu(a + t * w)``
+    (the shifting test's forward at one offset ``t``; ``images`` (B, 3, S, S) in [0, 1])."""
+    w = torch.as_tensor(np.asarray(weight), dtype=torch.float32).to(lm.device)
+    with shifted_layer(lm.module(layer), w, float(offset)), torch.inference_mode():
+        return torch.softmax(lm.logits(images), dim=1).numpy()
+
+
 def patch_box(image_size: int, patch_h: int, patch_w: int,
               position: str | tuple[int, int] = "bottom-right") -> tuple[int, int, int, int]:
     """Box ``(x0, y0, x1, y1)`` of a ``patch_h x patch_w`` patch in a square image of side

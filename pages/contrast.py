@@ -129,17 +129,10 @@ with _ui.guard("running the shifting test"):
     sp_key = ("shift_one", key, tuple(sample), float(t))
     per_image = _ui.results_store().get(sp_key)
     if per_image is None:
-        import numpy as np
-        import torch
+        from explainer.faithfulness import shifted_probabilities
 
-        from explainer.hooks import shifted_layer
-
-        # the shifting test's forward (same hook as shift_test), kept per image: softmax (8, K)
-        pix = cat.image_pixels(sample, lm)
-        w = torch.as_tensor(np.asarray(clf.weight), dtype=torch.float32).to(lm.device)
-        with shifted_layer(lm.module(ws.layer), w, float(t)), torch.inference_mode():
-            per_image = _ui.results_store().put(
-                sp_key, torch.softmax(lm.logits(pix), dim=1).numpy())
+        per_image = _ui.results_store().put(sp_key, shifted_probabilities(
+            lm, ws.layer, cat.image_pixels(sample, lm), clf.weight, float(t)))
     st.caption(f"The first {len(sample)} images of {names[b]} at offset t = {t:g}: P(A), P(B) "
                "and the class the model now predicts.")
     cols = st.columns(max(1, len(sample)))

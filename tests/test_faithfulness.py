@@ -7,7 +7,8 @@ from torch import nn
 
 from explainer.errors import ExplorerError
 from explainer.faithfulness import (patch_box, patch_from_file, patch_insertion,
-                                    prediction_tests, shift_test, stitch)
+                                    prediction_tests, shift_test, shifted_probabilities,
+                                    stitch)
 from explainer.models import LoadedModel
 
 
@@ -40,6 +41,18 @@ def test_shift_offset_zero_is_identity_and_large_offset_moves_to_a(tiny):
     assert abs(res.default_prob_a - base) < 1e-6
     assert res.max_prob_a > 0.99 and res.best_offset == 1000
     assert len(res.mean_prob_a) == 3 and res.n_images == 5
+
+
+def test_per_image_shifted_probabilities_average_to_the_shift_curve(tiny):
+    g = torch.Generator().manual_seed(1)
+    imgs = torch.rand(6, 3, 30, 30, generator=g)
+    w = (tiny.model.fc.weight[0] - tiny.model.fc.weight[1]).detach().numpy()
+    res = shift_test(tiny, "relu", imgs, w, 0, 1, offsets=(0, 2, 50))
+    for t, mean_a, mean_b in zip(res.offsets, res.mean_prob_a, res.mean_prob_b):
+        p = shifted_probabilities(tiny, "relu", imgs, w, t)
+        assert p.shape == (6, 3) and np.allclose(p.sum(1), 1, atol=1e-5)
+        assert abs(p[:, 0].mean() - mean_a) < 1e-5 and abs(p[:, 1].mean() - mean_b) < 1e-5
+    assert not tiny.model.relu._forward_hooks  # hook removed
 
 
 def test_shift_hook_removed_even_after_an_error(tiny):
