@@ -649,3 +649,31 @@ def heatmaps(ws: Any, lm: Any, explanation: Any, n_images: int) -> None:
         cols[0].image(upscale(img, 128), width=128, caption=f"image {image_id}")
         for c in range(k):
             cols[c + 1].image(heat_overlay(img, hm[i, c], vmax[c]), width=128)
+
+
+def run_or_load(key: tuple, prefix: str, button: str, what: str, compute: Callable[[Any], Any],
+                hint: str) -> Any:
+    """The result stored under ``key``, or a run button that computes it with a progress bar.
+
+    A shared link with ``run=1`` computes on its first visit. Stops the page (with ``hint``)
+    while there is no result; ``compute(progress)`` is the explainer call."""
+    result = results_store().get(key)
+    run_slot = st.empty()
+    run = result is None and run_slot.button(button, type="primary", key=f"{prefix}_run")
+    first_visit = f"{prefix}_seen" not in st.session_state
+    st.session_state[f"{prefix}_seen"] = True
+    auto = first_visit and st.query_params.get("run") == "1"  # a shared link of a computed view
+    if result is None and (run or auto):
+        with guard(what):
+            prog = Progress(what[:1].upper() + what[1:])
+            result = computed(key, lambda: compute(prog))
+            prog.done()
+            run_slot.empty()
+    if result is None:
+        set_qp(run=None)
+        st.info(hint)
+        st.stop()
+    set_qp(run=1)
+    for w in getattr(result, "warnings", []):
+        st.warning(w)
+    return result

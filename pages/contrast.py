@@ -33,32 +33,22 @@ with st.sidebar:
 
 key = ("contrast", str(ws.root), ws.model, ws.layer, int(a), int(b), int(n), method,
        int(max_images), int(seed), 8)
-explanation = _ui.results_store().get(key)
 st.markdown(f"**{names[a]}** ({counts.get(a, 0)} images) against **{names[b]}** "
             f"({counts.get(b, 0)} images) · {n} concepts · `{method}` · layer `{ws.layer}`")
-first_visit = "co_seen" not in st.session_state
-st.session_state["co_seen"] = True
-auto = first_visit and st.query_params.get("run") == "1"
-run_slot = st.empty()
-run = explanation is None and run_slot.button("Contrast", type="primary", key="co_run")
-if explanation is None and (run or auto):
-    with _ui.guard(f"contrasting {names[a]} against {names[b]}"):
-        from explainer.contrast import contrast_classes
 
-        prog = _ui.Progress(f"Contrasting {names[a]} against {names[b]}")
-        explanation = _ui.computed(key, lambda: contrast_classes(
-            ws, int(a), int(b), n_concepts=int(n), method=method, max_images=int(max_images),
-            seed=int(seed), m=8, progress=prog, cache=True))
-        prog.done()
-        run_slot.empty()
-if explanation is None:
-    _ui.set_qp(run=None)
-    st.info("Press **Contrast** to train the A-vs-B classifier and compute the contrasted "
-            "concepts (cached on disk).")
-    st.stop()
-_ui.set_qp(run=1)
-for w in explanation.warnings:
-    st.warning(w)
+
+def _contrast(prog):
+    from explainer.contrast import contrast_classes
+
+    return contrast_classes(ws, int(a), int(b), n_concepts=int(n), method=method,
+                            max_images=int(max_images), seed=int(seed), m=8, progress=prog,
+                            cache=True)
+
+
+explanation = _ui.run_or_load(
+    key, "co", "Contrast", f"contrasting {names[a]} against {names[b]}", _contrast,
+    "Press **Contrast** to train the A-vs-B classifier and compute the contrasted concepts "
+    "(cached on disk).")
 
 clf = explanation.classifier
 if clf is not None:

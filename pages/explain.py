@@ -33,34 +33,22 @@ with st.sidebar:
 
 key = ("explain", str(ws.root), ws.model, ws.layer, int(cls), int(n), method, int(max_images),
        int(seed), 8)
-explanation = _ui.results_store().get(key)
 st.markdown(f"**{names[cls]}** · {counts.get(cls, 0)} images predicted as it · "
             f"{n} concepts · `{method}` · layer `{ws.layer}`")
-run_slot = st.empty()
-run = explanation is None and run_slot.button("Explain", type="primary", key="ex_run")
-first_visit = "ex_seen" not in st.session_state
-st.session_state["ex_seen"] = True
-auto = first_visit and st.query_params.get("run") == "1"  # a shared link of a computed view
-if explanation is None and (run or auto):
-    with _ui.guard(f"explaining {names[cls]}"):
-        from explainer.concepts import explain_class
 
-        prog = _ui.Progress(f"Explaining {names[cls]}")
-        explanation = _ui.computed(key, lambda: explain_class(
-            ws, int(cls), n_concepts=int(n), method=method, max_images=int(max_images),
-            seed=int(seed), m=8, progress=prog, cache=True))
-        prog.done()
-        run_slot.empty()
 
-if explanation is None:
-    _ui.set_qp(run=None)
-    st.info("Press **Explain** to compute the concepts (results are cached on disk, so a "
-            "repeated run loads instantly).")
-    st.stop()
+def _explain(prog):
+    from explainer.concepts import explain_class
 
-_ui.set_qp(run=1)
-for w in explanation.warnings:
-    st.warning(w)
+    return explain_class(ws, int(cls), n_concepts=int(n), method=method,
+                         max_images=int(max_images), seed=int(seed), m=8, progress=prog,
+                         cache=True)
+
+
+explanation = _ui.run_or_load(
+    key, "ex", "Explain", f"explaining {names[cls]}", _explain,
+    "Press **Explain** to compute the concepts (results are cached on disk, so a repeated run "
+    "loads instantly).")
 _ui.init_widget("ex_excl", _ui.bool_qp("excl"))
 excl = st.toggle("Exclude target-class crops (crop or source image predicted as the class)",
                  key="ex_excl")
