@@ -503,7 +503,8 @@ class Catalog:
         self._con = con
         self._lock = threading.RLock()
         self.meta = meta
-        self.images_root = Path(meta.get("images_root") or ws.images_path)
+        # the workspace record is the truth (a relative image folder moves with the workspace)
+        self.images_root = ws.images_path
         self.mode = meta.get("mode", ws.mode)
         self.dim = int(meta.get("dim", 0))
         self._emb: tuple[np.ndarray, np.ndarray] | None = None

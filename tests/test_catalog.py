@@ -298,3 +298,19 @@ def test_cell_mode_build_pools_full_image_activations(tmp_path, r18, photos40):
     ids, emb = cat.embeddings()
     np.testing.assert_allclose(emb[9:18], cell_pool(acts, 224)[0].numpy(), rtol=1e-4, atol=1e-4)
     cat.close()
+
+
+def test_a_moved_workspace_still_finds_its_images(demo_workspace, tmp_path):
+    """The demo workspace keeps its images inside (relative path): a copy elsewhere works."""
+    from data_index.workspace import Workspace
+    from explainer.models import load_model
+
+    moved = tmp_path / "moved_demo"
+    shutil.copytree(demo_workspace.root, moved, ignore=shutil.ignore_patterns("cache", "*.wal"))
+    ws = Workspace.open(moved)
+    cat = Catalog.open(ws)
+    lm = load_model("demo", "cpu")
+    assert str(cat.image_path(cat.image_ids()[0])).startswith(str(moved))
+    ids = [0, 4, 8]
+    assert torch.equal(cat.crop_pixels(ids, lm), Catalog.open(demo_workspace).crop_pixels(ids, lm))
+    cat.close()
