@@ -4,10 +4,12 @@ Routes to the pages in ``pages/`` with ``st.navigation``.
 
 Access control (who sees what):
 
-* **Participants.** A participant link of the intruder study (``?study=<token>&participant=<id>``)
-  registers ONLY the participant page, with the navigation hidden. The session is marked
-  participant-only in its session state, so it stays on the trials even when the query
-  parameters are dropped later in the same session.
+* **Participants.** A participant link of the intruder study
+  (``?study=<token>&participant=<id>&sig=<sig>``) registers ONLY the participant page, with the
+  navigation hidden. The session is marked participant-only in its session state, so it stays on
+  the trials even when the query parameters are dropped later in the same session. The page
+  shows trials only for a valid ``sig`` (signed per participant with the study's server-side
+  secret), so editing ``participant=`` gets a refusal, not another participant's trials.
 * **Lead key.** Start the server with ``CONCEPT_EXPLORER_LEAD_KEY=<secret>`` whenever anyone but
   you can reach it (an intruder study with outside participants). Every other page then shows
   only a password form until the key is given once per browser session; a link with

@@ -7,9 +7,9 @@ response time):
    write path: one process-wide connection + lock, a cursor per call). Each participant also
    double-submits every answer, which must be ignored.
 2. ``server`` (``--server``, needs Chromium): a real ``streamlit run app.py`` on the demo
-   workspace and N headless browser pages, one per participant, clicking through their trials
-   concurrently; response time = click until the next trial is shown. After the run the server
-   is stopped and the DuckDB file is counted.
+   workspace and N headless browser pages, one per participant (each on its signed participant
+   link), clicking through their trials concurrently; response time = click until the next
+   trial is shown. After the run the server is stopped and the DuckDB file is counted.
 
     python bench/bench_study_load.py                 # module path, 10 x 50 trials
     python bench/bench_study_load.py --server        # + the server path (demo workspace)
@@ -103,6 +103,7 @@ def bench_server(n_participants: int, n_trials: int, home: Path | None) -> dict:
     classes = [c for c, n in sorted(counts.items(), key=lambda kv: -kv[1])][:2]
     study = S.create_study(ws, classes, n_concepts=4, trials_per_participant=n_trials, seed=1)
     token, path = study.token, study.path
+    links = [S.participant_link(study, f"load{i:02d}", "") for i in range(n_participants)]
     S.close_all()
 
     with socket.socket() as s:
@@ -143,7 +144,7 @@ def bench_server(n_participants: int, n_trials: int, home: Path | None) -> dict:
                                                 "--disable-sync"])
                     page = b.new_page()
                     page.set_default_timeout(180_000)
-                    page.goto(f"{url}/?study={token}&participant=load{i:02d}")
+                    page.goto(f"{url}/{links[i]}")
                     for k in range(1, n_trials + 1):
                         page.get_by_text(f"Trial {k} of {n_trials}").wait_for()
                         page.locator("[data-testid='stImage']").nth(4).wait_for()

@@ -6,7 +6,7 @@ of the same class, shuffled; the participant picks the intruder. Chance is 1/5 =
 Storage: one DuckDB file per workspace (``ws.root / "study.duckdb"``)::
 
     studies(study_id, created, workspace, classes, n_concepts, trials_per_participant, seed,
-            token, params)
+            token, params, secret)
     study_crops(study_id, class, concept, rank, crop_id)     -- precomputed at creation
     participants(study_id, participant_id, created)
     answers(study_id, participant_id, trial_index, class, concept, intruder_concept,
@@ -19,6 +19,13 @@ the study seed and the participant id: a returning participant gets the same tri
 at the first unanswered one. Every answer is committed the moment it is given; a second answer to
 the same trial (a double click, a reload) is ignored, never double-counted.
 
+Participant links are signed: ``?study=<token>&participant=<id>&sig=<sig>``, where ``sig`` is
+HMAC-SHA256 of the participant id under the study's server-side ``secret`` (never in a URL),
+truncated to 16 hex characters. The study token is shared by every participant; the signature
+is what stops a participant from answering as another one by editing ``participant=``.
+Study files from before the secret existed get the column and a random secret per study when
+they are opened (their old unsigned links stop working: hand out the signed ones).
+
 Concurrency: one process-wide connection per file, guarded by a lock; each call uses its own
 cursor and holds the lock only for one short statement or transaction. DuckDB allows one writing
 process per file, so run the study from one server process.
@@ -29,6 +36,7 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import hashlib
+import hmac
 import io
 import math
 import re
@@ -61,7 +69,9 @@ __all__ = [
     "get_study",
     "study_by_token",
     "find_study_by_token",
+    "ParticipantTaken",
     "register_participant",
+    "claim_participant",
     "list_participants",
     "trials_for",
     "answered_indices",
@@ -74,6 +84,11 @@ __all__ = [
     "wilson_interval",
     "binomial_p_greater",
     "participant_link",
+    "participant_sig",
+    "verify_participant",
+    "parse_participant_ids",
+    "participant_links",
+    "participant_links_csv",
     "close_all",
 ]
 
@@ -81,6 +96,7 @@ STUDY_FILE = "study.duckdb"
 CROPS_PER_TRIAL = 5
 CHANCE = 1.0 / CROPS_PER_TRIAL
 _PARTICIPANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.@+-]{0,63}$")
+SIG_HEX = 16  # hex characters of the participant link signature (64 bits)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
@@ -92,7 +108,8 @@ CREATE TABLE IF NOT EXISTS studies (
     trials_per_participant INTEGER NOT NULL,
     seed BIGINT NOT NULL,
     token VARCHAR NOT NULL UNIQUE,
-    params VARCHAR
+    params VARCHAR,
+    secret VARCHAR
 );
 CREATE TABLE IF NOT EXISTS study_crops (
     study_id VARCHAR NOT NULL,
@@ -145,6 +162,7 @@ class _Db:
                 "app server or a script) may hold it; stop it and try again") from exc
         with self.lock:
             self.conn.execute(_SCHEMA)
+            _migrate(self.conn)
 
     @contextlib.contextmanager
     def cursor(self) -> Iterator[Any]:
@@ -155,6 +173,29 @@ class _Db:
                 yield cur
             finally:
                 cur.close()
+
+
+def _new_secret() -> str:
+    return secrets.token_hex(32)
+
+
+def _migrate(conn: Any) -> None:
+    """Bring an older study file up to the current schema: the per-study link ``secret``
+    (column added when missing; every study without one gets a fresh random secret)."""
+    conn.execute("ALTER TABLE studies ADD COLUMN IF NOT EXISTS secret VARCHAR")
+    missing = conn.execute("SELECT study_id FROM studies WHERE secret IS NULL OR secret = ''"
+                           ).fetchall()
+    if not missing:
+        return
+    conn.execute("BEGIN TRANSACTION")
+    try:
+        for (sid,) in missing:
+            conn.execute("UPDATE studies SET secret = ? WHERE study_id = ? AND "
+                         "(secret IS NULL OR secret = '')", [_new_secret(), sid])
+        conn.execute("COMMIT")
+    except Exception:
+        conn.execute("ROLLBACK")
+        raise
 
 
 _DBS: dict[str, _Db] = {}
@@ -192,7 +233,8 @@ def study_path(ws_or_root: Any) -> Path:
 
 @dataclass(frozen=True)
 class Study:
-    """A study's record. ``concept_crops[class][concept]`` is the ranked crop id list."""
+    """A study's record. ``concept_crops[class][concept]`` is the ranked crop id list.
+    ``secret`` signs the participant links (server-side only: never shown, never in a URL)."""
 
     study_id: str
     created: _dt.datetime
@@ -206,6 +248,7 @@ class Study:
     params: str = ""
     concept_crops: Mapping[int, Mapping[int, list[int]]] = field(default_factory=dict,
                                                                  repr=False)
+    secret: str = field(default="", repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -314,6 +357,7 @@ def create_study_from_crops(path: str | Path, workspace: str,
     n_concepts = n_concepts or max(len(v) for v in concept_crops.values())
     study_id = uuid.uuid4().hex[:12]
     token = secrets.token_urlsafe(9)
+    secret = _new_secret()
     created = _now()
     classes = sorted(int(c) for c in concept_crops)
     rows = [(study_id, int(c), int(k), int(r), int(cid))
@@ -323,9 +367,10 @@ def create_study_from_crops(path: str | Path, workspace: str,
     with db.cursor() as cur:
         cur.execute("BEGIN TRANSACTION")
         try:
-            cur.execute("INSERT INTO studies VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            cur.execute(f"INSERT INTO studies ({_STUDY_COLS}) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         [study_id, created, workspace, classes, int(n_concepts),
-                         int(trials_per_participant), int(seed), token, params])
+                         int(trials_per_participant), int(seed), token, params, secret])
             cur.executemany("INSERT INTO study_crops VALUES (?, ?, ?, ?, ?)", rows)
             cur.execute("COMMIT")
         except Exception:
@@ -381,12 +426,12 @@ def _load_crops(cur: Any, study_id: str) -> dict[int, dict[int, list[int]]]:
 
 
 _STUDY_COLS = ("study_id, created, workspace, classes, n_concepts, trials_per_participant, "
-               "seed, token, params")
+               "seed, token, params, secret")
 
 
 def _row_to_study(row: Sequence[Any], path: Path, crops: Mapping) -> Study:
     return Study(row[0], row[1], row[2], [int(c) for c in row[3]], int(row[4]), int(row[5]),
-                 int(row[6]), row[7], Path(path), row[8] or "", crops)
+                 int(row[6]), row[7], Path(path), row[8] or "", crops, row[9] or "")
 
 
 def get_study(path: str | Path, study_id: str) -> Study:
@@ -437,12 +482,89 @@ def list_studies(path: str | Path) -> list[Study]:
     return [_row_to_study(r, Path(path), {}) for r in rows]
 
 
+# --------------------------------------------------------------------------------------------
+# signed participant links
+
+
+def _secret(study: Study) -> str:
+    if study.secret:
+        return study.secret
+    # a Study built by hand (or before the file was migrated): read the stored secret
+    secret = get_study(study.path, study.study_id).secret
+    if not secret:
+        raise ExplorerError(f"Study '{study.study_id}' has no link secret; reopen the study file")
+    return secret
+
+
+def participant_sig(study: Study, participant_id: str) -> str:
+    """The signature of a participant's link: HMAC-SHA256 of the (cleaned) participant id under
+    the study's secret, the first :data:`SIG_HEX` hex characters."""
+    pid = _check_participant(participant_id)
+    mac = hmac.new(_secret(study).encode(), pid.encode("utf-8"), hashlib.sha256)
+    return mac.hexdigest()[:SIG_HEX]
+
+
+def verify_participant(study: Study, participant_id: str | None, sig: str | None) -> bool:
+    """Whether ``sig`` is the signature of ``participant_id`` in this study (constant-time
+    compare). False for a missing or malformed id or signature, never an exception."""
+    if not participant_id or not sig or len(sig) != SIG_HEX:
+        return False
+    try:
+        want = participant_sig(study, participant_id)
+    except ExplorerError:
+        return False
+    return hmac.compare_digest(want.encode(), sig.lower().encode("utf-8", "replace"))
+
+
 def participant_link(study: Study, participant_id: str, base_url: str = "") -> str:
-    """The participant's URL query (``?study=<token>&participant=<id>``), after ``base_url``."""
+    """The participant's signed URL query (``?study=<token>&participant=<id>&sig=<sig>``),
+    after ``base_url``. Only this link opens the participant's trials."""
     from urllib.parse import urlencode
 
-    q = urlencode({"study": study.token, "participant": participant_id})
+    pid = _check_participant(participant_id)
+    q = urlencode({"study": study.token, "participant": pid,
+                   "sig": participant_sig(study, pid)})
     return f"{base_url}?{q}"
+
+
+def parse_participant_ids(text: str) -> tuple[list[str], list[str]]:
+    """Participant ids from text, one per line (blank lines skipped, duplicates once):
+    ``(valid ids, invalid lines)``."""
+    ok: list[str] = []
+    bad: list[str] = []
+    for line in (text or "").splitlines():
+        if not line.strip():
+            continue
+        try:
+            pid = _check_participant(line)
+        except ExplorerError:
+            bad.append(line.strip())
+            continue
+        if pid not in ok:
+            ok.append(pid)
+    return ok, bad
+
+
+def participant_links(study: Study, participant_ids: Iterable[str], base_url: str = "",
+                      register: bool = True) -> list[tuple[str, str]]:
+    """``(participant id, signed link)`` for each id; ``register`` records the participants
+    first, so nobody can take their names through the open registration form."""
+    pids = list(dict.fromkeys(_check_participant(p) for p in participant_ids))
+    if register and pids:
+        now = _now()
+        with _db(study.path).cursor() as cur:
+            cur.executemany("INSERT INTO participants VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                            [(study.study_id, pid, now) for pid in pids])
+    return [(pid, participant_link(study, pid, base_url)) for pid in pids]
+
+
+def participant_links_csv(links: Iterable[tuple[str, str]]) -> str:
+    """``participant_id,link`` CSV text of :func:`participant_links`' rows."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(("participant_id", "link"))
+    w.writerows(links)
+    return buf.getvalue()
 
 
 # --------------------------------------------------------------------------------------------
@@ -457,6 +579,10 @@ def _check_participant(participant_id: str) -> str:
     return pid
 
 
+class ParticipantTaken(ExplorerError):
+    """:func:`claim_participant` of a name that is already registered."""
+
+
 def register_participant(study: Study, participant_id: str) -> str:
     """Record the participant (idempotent); returns the cleaned id."""
     pid = _check_participant(participant_id)
@@ -464,6 +590,21 @@ def register_participant(study: Study, participant_id: str) -> str:
     with db.cursor() as cur:
         cur.execute("INSERT INTO participants VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
                     [study.study_id, pid, _now()])
+    return pid
+
+
+def claim_participant(study: Study, participant_id: str) -> str:
+    """Register a NEW participant (self-registration); returns the cleaned id. Raises
+    :class:`ParticipantTaken` when the id is registered already (by the lead, or by someone
+    else), so nobody takes over another participant's trials by typing their name."""
+    pid = _check_participant(participant_id)
+    db = _db(study.path)
+    with db.cursor() as cur:
+        new = cur.execute("INSERT INTO participants VALUES (?, ?, ?) ON CONFLICT DO NOTHING "
+                          "RETURNING participant_id", [study.study_id, pid, _now()]).fetchall()
+    if not new:
+        raise ParticipantTaken(f"This name is taken; use your personal link (ask the study lead "
+                               f"for the link of '{pid}'), or pick another name")
     return pid
 
 

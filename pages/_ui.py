@@ -71,17 +71,26 @@ def _key_matches(given: str, key: str) -> bool:
 
 
 def participant_session() -> dict[str, str] | None:
-    """The participant link of this session, or None for a lead session.
+    """The participant link of this session (``study``, ``participant``, ``sig``), or None for a
+    lead session.
 
     A session that was opened with ``?study=`` is marked participant-only in its session state:
-    it stays on the participant page even when the query parameters are dropped later."""
+    it stays on the participant page even when the query parameters are dropped later. The
+    ``sig`` always comes with the ``participant`` it was given with (a link naming another
+    participant without a signature does not inherit one); the participant page checks it
+    (``explainer.study.verify_participant``) before showing any trial."""
     token = st.query_params.get("study")
     if token:
         rec = st.session_state.setdefault(PARTICIPANT_KEY, {})
+        if rec.get("study") not in (None, token):  # another study: nothing of the old link
+            rec.clear()
         rec["study"] = token
-        pid = st.query_params.get("participant")
+        pid, sig = st.query_params.get("participant"), st.query_params.get("sig")
         if pid:
             rec["participant"] = pid
+            rec["sig"] = sig or ""
+        elif sig:  # a signature without a name: checked against the name the form is given
+            rec["sig"] = sig
     return st.session_state.get(PARTICIPANT_KEY)
 
 

@@ -1,6 +1,12 @@
-"""Intruder study, the participant's side: only the trials. Reached by a link
-``?study=<token>&participant=<id>``; ``app.py`` registers no other page in that case, and the
-session stays participant-only (see ``_ui.participant_session``)."""
+"""Intruder study, the participant's side: only the trials. Reached by a signed link
+``?study=<token>&participant=<id>&sig=<sig>``; ``app.py`` registers no other page in that case,
+and the session stays participant-only (see ``_ui.participant_session``).
+
+A link whose ``sig`` is missing or is not the participant's (an edited ``participant=``) shows
+one refusal message and nothing else. The study link without a participant asks for a name: a
+new name is registered and the page moves to that name's signed link; a name that is taken
+(given out by the lead, or registered by someone else) is refused unless the link carries its
+valid signature."""
 
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ _ui.ensure_app_navigation()
 _link = _ui.participant_session() or {}
 token = _link.get("study", "")
 participant = _link.get("participant", "")
+sig = _link.get("sig", "")
 
 
 @st.cache_resource(show_spinner=False, max_entries=32)
@@ -33,17 +40,34 @@ def _trials(path: str, study_id: str, participant: str) -> list:
     return S.trials_for(S.get_study(path, study_id), participant)
 
 
+def _start(study: S.Study, name: str) -> None:
+    """Self-registration: a new name, or a taken one with its valid signature in the link, moves
+    the page to the name's signed link; any other taken name raises ParticipantTaken."""
+    if S.verify_participant(study, name, sig):
+        pid = S.register_participant(study, name)
+    else:
+        pid = S.claim_participant(study, name)
+    psig = S.participant_sig(study, pid)
+    st.query_params["participant"] = pid
+    st.query_params["sig"] = psig
+    st.session_state.setdefault(_ui.PARTICIPANT_KEY, {"study": token}).update(
+        participant=pid, sig=psig)
+    st.rerun()
+
+
 def _page() -> None:
     ws, study = _find(token)
+    if participant and not S.verify_participant(study, participant, sig):
+        shown = participant[:64].replace("`", "'")  # from the URL: shown as code, never markup
+        st.error(f"This link is not valid for participant `{shown}`; ask the study lead for "
+                 "your personal link.", icon=":material/lock:")
+        return
     st.title("Find the odd one out")
     if not participant:
         with st.form("participant_name"):
             name = st.text_input("Your name or participant id")
             if st.form_submit_button("Start", type="primary"):
-                pid = S.register_participant(study, name)
-                st.query_params["participant"] = pid
-                st.session_state[_ui.PARTICIPANT_KEY]["participant"] = pid
-                st.rerun()
+                _start(study, name)
         return
     reg = st.session_state.setdefault("_registered", {})
     if (study.study_id, participant) not in reg:  # one short write per session, not per click

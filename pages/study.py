@@ -66,12 +66,33 @@ with _ui.guard("reading the studies"):
                + f" · {study.n_concepts} concepts · seed {study.seed}")
 
     st.subheader("Participant links")
+    st.caption("Each link is signed for its participant (`sig=`): a link opens only that "
+               "participant's trials, and editing `participant=` in it is refused. Every name "
+               "given a link here is registered, so nobody can take it in the name form.")
     base = (st.context.url or "").split("?")[0].rsplit("/", 1)[0] + "/"
     pid = st.text_input("Participant name or id", key="st_pid", placeholder="e.g. alice")
     if pid.strip():
         clean = S.register_participant(study, pid)
         st.code(S.participant_link(study, clean, base), language=None)
-    st.caption("Or hand out the link without a participant; they enter their name first:")
+    with st.expander("Links for many participants"):
+        many = st.text_area("Participant ids, one per line", key="st_pids", height=140,
+                            placeholder="alice\nbob\ncarol")
+        ids, bad = S.parse_participant_ids(many)
+        if bad:
+            st.warning(f"Skipped {len(bad)} invalid ids ({', '.join(bad[:5])}"
+                       f"{', …' if len(bad) > 5 else ''}): use 1-64 letters, digits, space, "
+                       "'_', '.', '@', '+', '-', starting with a letter or digit.")
+        if ids:
+            links = S.participant_links(study, ids, base)
+            st.dataframe([{"participant": p, "link": link} for p, link in links],
+                         hide_index=True, key="st_links",
+                         column_config={"link": st.column_config.TextColumn(width="large")})
+            st.download_button(f"Download {len(links)} links (CSV)",
+                               S.participant_links_csv(links),
+                               file_name=f"study_{study.study_id}_links.csv", mime="text/csv",
+                               key="st_links_csv")
+    st.caption("Or hand out the link without a participant; they enter a new name first (a "
+               "name that is already registered is refused):")
     st.code(f"{base}?study={study.token}", language=None)
 
     head, refresh = st.columns([5, 1], vertical_alignment="bottom")

@@ -178,10 +178,21 @@ def test_study_lead_and_participant(demo_ws):
     at.text_input(key="st_pid").input("alice").run()
     link = [c.value for c in at.code if "participant=alice" in c.value]
     assert link, [c.value for c in at.code]
-    token = link[0].split("study=")[1].split("&")[0]
+    q = _link_params(link[0])
+    token = q["study"]
+    assert set(q) == {"study", "participant", "sig"}
+    # links for many participants: a table of signed links and a CSV download
+    at.text_area(key="st_pids").input("bob\ncarol\nbad/name\n").run()
+    assert not at.exception, at.exception
+    assert len(at.dataframe) == 1  # no answers yet: the links table is the only table
+    table = at.dataframe[0].value
+    assert list(table["participant"]) == ["bob", "carol"]
+    assert all(_link_params(u)["participant"] == p for p, u in zip(table["participant"],
+                                                                    table["link"]))
+    assert any("Skipped 1 invalid" in w.value for w in at.warning)
 
     # the participant's view: only the trials, no navigation, no results
-    pt = _app(study=token, participant="alice").run()
+    pt = _app(**q).run()
     assert not pt.exception, pt.exception
     assert len(pt.image) == 5 and len(pt.button) == 5
     assert not pt.sidebar.children or all(
@@ -197,6 +208,63 @@ def test_study_lead_and_participant(demo_ws):
     # a bad link is an error message, not a traceback
     bad = _app(study="nope-token", participant="x").run()
     assert any("unknown" in e.value for e in bad.error)
+
+    # alice's link with another participant's name (or no signature): one refusal, no trials
+    bob_sig = _link_params(table["link"][0])["sig"]
+    for params in (dict(q, participant="bob"), dict(study=token, participant="alice"),
+                   dict(q, sig=bob_sig), dict(q, sig="0" * 16)):
+        tampered = _app(**params).run()
+        assert not tampered.exception, tampered.exception
+        assert [e.value for e in tampered.error] == [
+            f"This link is not valid for participant `{params['participant']}`; ask the study "
+            "lead for your personal link."], params
+        assert not tampered.image and not tampered.button and not tampered.title
+        assert not tampered.get("progress") and not _lead_content(tampered)
+    # bob's own link works
+    assert len(_app(**_link_params(table["link"][0])).run().image) == 5
+    assert len(S.answers(study)) == 1  # nothing was answered through a refused link
+
+
+def _link_params(link: str) -> dict[str, str]:
+    from urllib.parse import parse_qs, urlsplit
+
+    return {k: v[0] for k, v in parse_qs(urlsplit(link).query).items()}
+
+
+def test_self_registration_cannot_take_an_existing_name(demo_ws):
+    from explainer import study as S
+
+    crops = {0: [list(range(0, 8)), list(range(8, 16))]}
+    study = S.create_study_from_crops(S.study_path(demo_ws), "demo", crops,
+                                      trials_per_participant=3, seed=0)
+    S.register_participant(study, "alice")  # the lead gave alice a link
+    at = _app(study=study.token).run()
+    assert not at.exception, at.exception
+    assert [t.label for t in at.text_input] == ["Your name or participant id"]
+    at.text_input[0].input("alice")
+    at.button[0].click().run()
+    assert not at.exception, at.exception
+    assert any("This name is taken; use your personal link" in e.value for e in at.error)
+    assert not at.image and "participant" not in at.query_params
+    # a new name registers and moves to its signed link
+    at.text_input[0].input("zoe")
+    at.button[0].click().run()
+    assert not at.exception, at.exception
+    assert at.query_params["participant"] == "zoe"
+    assert S.verify_participant(study, "zoe", at.query_params["sig"])
+    assert len(at.image) == 5 and not at.error
+    assert "zoe" in S.list_participants(study)
+    # now zoe is taken too: someone else typing it is refused
+    other = _app(study=study.token).run()
+    other.text_input[0].input("zoe")
+    other.button[0].click().run()
+    assert any("is taken" in e.value for e in other.error) and not other.image
+    # ... unless the link carries zoe's valid signature
+    own = _app(study=study.token, sig=S.participant_sig(study, "zoe")).run()
+    own.text_input[0].input("zoe")
+    own.button[0].click().run()
+    assert not own.error and len(own.image) == 5
+    S.close_all()
 
 
 # ---- access control: the lead key and participant-only sessions --------------------------------
@@ -279,7 +347,8 @@ def test_participant_session_never_reaches_lead_pages(demo_ws, monkeypatch, lead
     crops = {0: [list(range(0, 8)), list(range(8, 16))]}
     study = S.create_study_from_crops(S.study_path(demo_ws), "demo", crops,
                                       trials_per_participant=3, seed=0)
-    pt = _app(study=study.token, participant="bob").run()
+    bob = {"study": study.token, "participant": "bob", "sig": S.participant_sig(study, "bob")}
+    pt = _app(**bob).run()
     assert not pt.exception, pt.exception
     assert len(pt.image) == 5 and not _lead_content(pt)
     # app.py registered only the participant page: the lead pages cannot be navigated to
@@ -300,7 +369,7 @@ def test_participant_session_never_reaches_lead_pages(demo_ws, monkeypatch, lead
 
     for page in LEAD_PAGES:
         direct = AppTest.from_file(str(ROOT / page), default_timeout=T)
-        direct.session_state["_participant_link"] = {"study": study.token, "participant": "bob"}
+        direct.session_state["_participant_link"] = dict(bob)
         direct.query_params["ws"] = "demo"
         direct.run()
         assert not direct.exception, (page, direct.exception)
@@ -308,7 +377,7 @@ def test_participant_session_never_reaches_lead_pages(demo_ws, monkeypatch, lead
         assert any("study participant" in i.value for i in direct.info)
     # a fresh run of app.py in a session marked participant-only routes to the trials only
     fresh = _app(ws="demo")
-    fresh.session_state["_participant_link"] = {"study": study.token, "participant": "bob"}
+    fresh.session_state["_participant_link"] = dict(bob)
     fresh.run()
     assert not fresh.exception, fresh.exception
     assert [t.value for t in fresh.title] == ["Find the odd one out"]

@@ -1,7 +1,8 @@
 """End to end in a real headless Chromium, the server started with a lead key: the lead-key form,
 then the app on the demo workspace, an explanation with 8 crops per concept, the exclusion toggle,
-a look at every other lead page, then a participant (no key) answering 3 intruder trials, a
-server kill + restart, and the participant continuing at trial 4 with exactly 3 answers in DuckDB.
+a look at every other lead page, then a participant (no key, a signed link) answering 3 intruder
+trials, the same link with another participant's name refused, a server kill + restart, and the
+participant continuing at trial 4 with exactly 3 answers in DuckDB.
 
 Needs Debian's ``chromium`` (driven by the PyPI ``playwright`` package, no browser download).
 Skipped only when chromium is absent and ``CI`` is not set; in CI it must run.
@@ -227,7 +228,8 @@ def test_browser_end_to_end(demo_workspace, demo_home, tmp_path):
                                        timeout=60_000)
 
                 # ---- a participant answers the lead's study ----------------------------------
-                link = f"{server.url}/?study={token}&participant=alice"
+                link = S.participant_link(study, "alice", f"{server.url}/")
+                assert "&sig=" in link
                 page.goto(link)
                 for k in range(1, 4):
                     expect(page.get_by_text(f"Trial {k} of 6")).to_be_visible(timeout=120_000)
@@ -239,6 +241,13 @@ def test_browser_end_to_end(demo_workspace, demo_home, tmp_path):
                         _shot(page, "participant_trial1.png")
                     page.get_by_role("button", name=f"Odd one: {k}").click()
                 expect(page.get_by_text("Trial 4 of 6")).to_be_visible(timeout=120_000)
+                # alice's link edited to answer as bob: one refusal, no trial
+                page.goto(link.replace("participant=alice", "participant=bob"))
+                expect(page.get_by_text("This link is not valid for participant")).to_be_visible(
+                    timeout=120_000)
+                _wait_idle(page)
+                expect(page.locator("[data-testid='stImage']")).to_have_count(0)
+                expect(page.get_by_role("button", name="Odd one: 1")).to_have_count(0)
             browser.close()
         server.kill()
         rows = _answers(path, token)

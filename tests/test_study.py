@@ -169,3 +169,111 @@ def test_create_study_uses_explain_once_per_class(tmp_path):
     found_ws, found = S.find_study_by_token(st.token, [ws])
     assert found.study_id == st.study_id
     S.close_all()
+
+
+# ---- signed participant links ------------------------------------------------------------------
+
+
+def _sig(link: str) -> str:
+    from urllib.parse import parse_qs, urlsplit
+
+    q = parse_qs(urlsplit(link).query)
+    return q["sig"][0]
+
+
+def test_signed_links_verify_only_their_participant(study, tmp_path):
+    link = S.participant_link(study, "alice", "http://host/")
+    assert link.startswith(f"http://host/?study={study.token}&participant=alice&sig=")
+    sig = _sig(link)
+    assert len(sig) == S.SIG_HEX and sig == S.participant_sig(study, "alice")
+    assert study.secret and study.secret not in link  # the secret never leaves the server
+    assert S.verify_participant(study, "alice", sig)
+    assert S.verify_participant(study, " alice ", sig)  # the same cleaned id as the link's
+    # another participant's signature, a tampered one, none at all: refused
+    assert not S.verify_participant(study, "bob", sig)
+    assert not S.verify_participant(study, "alice", S.participant_sig(study, "bob"))
+    assert not S.verify_participant(study, "alice", sig[:-1] + ("0" if sig[-1] != "0" else "1"))
+    for bad in ("", None, sig[:8], sig + "0", "é" * S.SIG_HEX):
+        assert not S.verify_participant(study, "alice", bad)
+    assert not S.verify_participant(study, "", sig)
+    assert not S.verify_participant(study, "no/slash", sig)
+    # the same participant id in another study has another signature (a secret per study)
+    other = S.create_study_from_crops(tmp_path / "study.duckdb", "ws", _crops(),
+                                      trials_per_participant=5, seed=7)
+    assert other.secret != study.secret
+    assert not S.verify_participant(other, "alice", sig)
+    # the secret is stored: a study read back (a restarted server) verifies the same link
+    S.close_all()
+    again = S.study_by_token(study.path, study.token)
+    assert again.secret == study.secret and S.verify_participant(again, "alice", sig)
+    assert all(len(s.secret) >= 32 for s in S.list_studies(study.path))
+    # a Study without its secret in memory reads it from the file
+    from dataclasses import replace
+
+    assert S.participant_sig(replace(again, secret=""), "alice") == sig
+
+
+def test_claim_participant_refuses_taken_names(study):
+    assert S.claim_participant(study, " carol ") == "carol"
+    with pytest.raises(S.ParticipantTaken, match="This name is taken; use your personal link"):
+        S.claim_participant(study, "carol")
+    # names the lead gave links to are registered, so they cannot be claimed either
+    links = S.participant_links(study, ["dave", "erin", "dave"], "http://h/")
+    assert [p for p, _ in links] == ["dave", "erin"]
+    assert all(S.verify_participant(study, p, _sig(link)) for p, link in links)
+    for name in ("dave", "erin"):
+        with pytest.raises(S.ParticipantTaken):
+            S.claim_participant(study, name)
+    assert set(S.list_participants(study)) == {"carol", "dave", "erin"}
+    text = S.participant_links_csv(links)
+    assert text.splitlines()[0] == "participant_id,link"
+    assert text.splitlines()[1] == f"dave,{links[0][1]}"
+    assert S.parse_participant_ids("a\n\n b \na\nbad/one\n") == (["a", "b"], ["bad/one"])
+
+
+def test_migration_adds_secrets_to_an_old_study_file(tmp_path):
+    """A study.duckdb from before signed links (no ``secret`` column) opens, gets a distinct
+    random secret per study, and keeps its studies, participants and answers."""
+    path = tmp_path / "study.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute("""
+        CREATE TABLE studies (study_id VARCHAR PRIMARY KEY, created TIMESTAMP NOT NULL,
+            workspace VARCHAR NOT NULL, classes INTEGER[] NOT NULL, n_concepts INTEGER NOT NULL,
+            trials_per_participant INTEGER NOT NULL, seed BIGINT NOT NULL,
+            token VARCHAR NOT NULL UNIQUE, params VARCHAR);
+        CREATE TABLE study_crops (study_id VARCHAR NOT NULL, class INTEGER NOT NULL,
+            concept INTEGER NOT NULL, rank INTEGER NOT NULL, crop_id BIGINT NOT NULL,
+            PRIMARY KEY (study_id, class, concept, rank));
+        CREATE TABLE participants (study_id VARCHAR NOT NULL, participant_id VARCHAR NOT NULL,
+            created TIMESTAMP NOT NULL, PRIMARY KEY (study_id, participant_id));
+    """)
+    for sid, token in (("old1", "tok-old-1"), ("old2", "tok-old-2")):
+        con.execute("INSERT INTO studies VALUES (?, now(), 'ws', [0], 2, 3, 1, ?, '')",
+                    [sid, token])
+        con.executemany("INSERT INTO study_crops VALUES (?, 0, ?, ?, ?)",
+                        [(sid, k, r, k * 100 + r) for k in range(2) for r in range(4)])
+    con.execute("INSERT INTO participants VALUES ('old1', 'alice', now())")
+    con.close()
+
+    studies = S.list_studies(path)  # opening the file migrates it
+    secrets_ = {s.study_id: s.secret for s in studies}
+    assert set(secrets_) == {"old1", "old2"}
+    assert all(len(v) >= 32 for v in secrets_.values()) and len(set(secrets_.values())) == 2
+    old1 = S.study_by_token(path, "tok-old-1")
+    assert S.list_participants(old1) == ["alice"] and len(S.trials_for(old1, "alice")) == 3
+    link = S.participant_link(old1, "alice")
+    assert S.verify_participant(old1, "alice", _sig(link))
+    assert not S.verify_participant(S.study_by_token(path, "tok-old-2"), "alice", _sig(link))
+    with pytest.raises(S.ParticipantTaken):
+        S.claim_participant(old1, "alice")
+    # the secrets are stored once: reopening (a restarted server) keeps them, and the answers
+    # table missing from the old file was created
+    S.close_all()
+    assert {s.study_id: s.secret for s in S.list_studies(path)} == secrets_
+    t = S.trials_for(old1, "alice")[0]
+    assert S.record_answer(old1, "alice", t, t.intruder_position).stored
+    S.close_all()
+    con = duckdb.connect(str(path), read_only=True)
+    cols = [r[0] for r in con.execute("DESCRIBE studies").fetchall()]
+    con.close()
+    assert cols[-1] == "secret"
