@@ -91,6 +91,7 @@ def main() -> None:
     rows = []
     entries = ImageFolder(PHOTOS).entries[:a.n]
     px = torch.stack([lm.geometry(load_rgb(e.path)) for e in entries])
+    forward_only(lm, px, a.batch_size)  # a whole warm-up pass: oneDNN's first pass runs ~2x slower
     fwd = forward_only(lm, px, a.batch_size)
     del px
     rows.append(("forward only (full images, pre-decoded)", fwd, 1.0))
