@@ -686,3 +686,21 @@ def run_or_load(key: tuple, prefix: str, button: str, what: str, compute: Callab
     for w in getattr(result, "warnings", []):
         st.warning(w)
     return result
+
+
+def method_settings(prefix: str, images_label: str, images_help: str | None = None
+                    ) -> tuple[int, str, int, int]:
+    """The shared sidebar settings of the explain and contrast pages, kept in the URL:
+    (n concepts, attribution method, image count, seed). Call inside ``st.sidebar``."""
+    init_widget(f"{prefix}_n", int_qp("n", 4, 1, 10))
+    n = st.slider("Concepts", 1, 10, key=f"{prefix}_n")
+    method_q = qp("method", "deeplift")
+    init_widget(f"{prefix}_method", method_q if method_q in METHODS else "deeplift")
+    method = st.selectbox("Attribution method", METHODS, key=f"{prefix}_method")
+    init_widget(f"{prefix}_images", int_qp("images", 500, 1, 100000))
+    max_images = st.number_input(images_label, 1, 100000, step=50, key=f"{prefix}_images",
+                                 help=images_help)
+    init_widget(f"{prefix}_seed", int_qp("seed", 0, 0))
+    seed = st.number_input("Seed", 0, 2**31 - 1, key=f"{prefix}_seed")
+    set_qp(n=n, method=method, images=int(max_images), seed=int(seed))
+    return int(n), method, int(max_images), int(seed)

@@ -19,17 +19,7 @@ with st.sidebar:
     a = _ui.class_picker("Class A (explained)", names, counts, key="co_a", url_key="a")
     b = _ui.class_picker("Class B (contrasted against)", names, counts, key="co_b",
                          url_key="b", exclude=a)
-    _ui.init_widget("co_n", _ui.int_qp("n", 4, 1, 10))
-    n = st.slider("Concepts", 1, 10, key="co_n")
-    method_q = _ui.qp("method", "deeplift")
-    _ui.init_widget("co_method", method_q if method_q in _ui.METHODS else "deeplift")
-    method = st.selectbox("Attribution method", _ui.METHODS, key="co_method")
-    _ui.init_widget("co_images", _ui.int_qp("images", 500, 1, 100000))
-    max_images = st.number_input("Images per class (at most)", 1, 100000, step=50,
-                                 key="co_images")
-    _ui.init_widget("co_seed", _ui.int_qp("seed", 0, 0))
-    seed = st.number_input("Seed", 0, 2**31 - 1, key="co_seed")
-    _ui.set_qp(n=n, method=method, images=int(max_images), seed=int(seed))
+    n, method, max_images, seed = _ui.method_settings("co", "Images per class (at most)")
 
 key = ("contrast", str(ws.root), ws.model, ws.layer, int(a), int(b), int(n), method,
        int(max_images), int(seed), 8)

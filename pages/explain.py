@@ -18,18 +18,8 @@ with st.sidebar:
     st.header("Settings")
     cls = _ui.class_picker("Class A (type to search)", names, counts, key="ex_class",
                            url_key="a")
-    _ui.init_widget("ex_n", _ui.int_qp("n", 4, 1, 10))
-    n = st.slider("Concepts", 1, 10, key="ex_n")
-    method_q = _ui.qp("method", "deeplift")
-    _ui.init_widget("ex_method", method_q if method_q in _ui.METHODS else "deeplift")
-    method = st.selectbox("Attribution method", _ui.METHODS, key="ex_method")
-    _ui.init_widget("ex_images", _ui.int_qp("images", 500, 1, 100000))
-    max_images = st.number_input("Images (at most)", 1, 100000, step=50, key="ex_images",
-                                 help="Images predicted as the class, chosen with the seed "
-                                      "(paper: 500)")
-    _ui.init_widget("ex_seed", _ui.int_qp("seed", 0, 0))
-    seed = st.number_input("Seed", 0, 2**31 - 1, key="ex_seed")
-    _ui.set_qp(n=n, method=method, images=int(max_images), seed=int(seed))
+    n, method, max_images, seed = _ui.method_settings(
+        "ex", "Images (at most)", "Images predicted as the class, chosen with the seed (paper: 500)")
 
 key = ("explain", str(ws.root), ws.model, ws.layer, int(cls), int(n), method, int(max_images),
        int(seed), 8)
