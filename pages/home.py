@@ -111,7 +111,8 @@ with st.expander("Create a workspace", expanded=False):
 
     st.caption("Model specs: " + ", ".join(f"`{s}`" for s in KNOWN_SPECS))
     new_name = st.text_input("Name", key="new_name", placeholder="my-photos")
-    spec = st.text_input("Model spec", key="new_spec", value="efficientnet_lite0")
+    # empty by default: a collapsed form must not load a model on every visit of the home page
+    spec = st.text_input("Model spec", key="new_spec", placeholder="efficientnet_lite0")
     layer = None
     lm = None
     if spec:
