@@ -33,6 +33,17 @@ sys.path.insert(0, str(ROOT))
 from explainer import study as S  # noqa: E402
 
 
+def _run_concurrently(fn, args: list) -> float:
+    """Run ``fn(arg)`` for every arg in its own thread, all at once; wall seconds."""
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=fn, args=(a,)) for a in args]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return time.perf_counter() - t0
+
+
 def _pct(xs: list[float], q: float) -> float:
     if not xs:
         return float("nan")
@@ -68,14 +79,7 @@ def bench_module(n_participants: int, n_trials: int) -> dict:
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=participant, args=(f"p{i:02d}",))
-               for i in range(n_participants)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    wall = time.perf_counter() - t0
+    wall = _run_concurrently(participant, [f"p{i:02d}" for i in range(n_participants)])
     stored = len(S.answers(study))
     S.close_all()
     shutil.rmtree(tmp, ignore_errors=True)
@@ -165,14 +169,7 @@ def bench_server(n_participants: int, n_trials: int, home: Path | None) -> dict:
             except Exception as exc:  # noqa: BLE001
                 errors.append(f"participant {i}: {exc}")
 
-        t0 = time.perf_counter()
-        threads = [threading.Thread(target=participant, args=(i,))
-                   for i in range(n_participants)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-        wall = time.perf_counter() - t0
+        wall = _run_concurrently(participant, list(range(n_participants)))
     finally:
         os.killpg(proc.pid, 9)
         proc.wait()
