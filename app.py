@@ -40,7 +40,8 @@ else:
     page = st.navigation([
         st.Page("pages/home.py", title="Workspace", icon=":material/home:", url_path="home", default=True),
         st.Page("pages/explain.py", title="Explain a class", icon=":material/extension:", url_path="explain"),
-        st.Page("pages/contrast.py", title="Contrast two classes", icon=":material/compare_arrows:", url_path="contrast"),
+        st.Page("pages/contrast.py", title="Contrast two classes",
+                icon=":material/compare_arrows:", url_path="contrast"),
         st.Page("pages/test_bench.py", title="Test bench", icon=":material/science:", url_path="test_bench"),
         st.Page("pages/study.py", title="Intruder study", icon=":material/search:", url_path="study"),
     ], position="sidebar" if unlocked else "hidden")

@@ -29,7 +29,7 @@ from data_index.catalog import Catalog, build_catalog  # noqa: E402
 from data_index.datasets import ImageFolder, load_rgb  # noqa: E402
 from data_index.search import CropSearch, normalize_rows  # noqa: E402
 from data_index.workspace import Workspace  # noqa: E402
-from explainer.models import load_model  # noqa: E402
+from explorer_core.models import load_model  # noqa: E402
 
 PHOTOS = ROOT.parent / "shared" / "data" / "imagenet-nips17"
 
@@ -116,7 +116,7 @@ def main() -> None:
         q = np.asarray(emb[rng.choice(len(ids), 100, replace=False)])
         cls = max(cat.predicted_counts().items(), key=lambda kv: kv[1])[0]
         for excl in (None, cls):
-            p50, p95 = latencies(lambda x: flat.search(x, 8, excl), q)
+            p50, p95 = latencies(lambda x, excl=excl: flat.search(x, 8, excl), q)
             print(f"| {len(ids)} | {emb.shape[1]} | flat (catalog, CropRefs) | "
                   f"{'class ' + str(excl) if excl is not None else 'none'} | {p50:.2f} | "
                   f"{p95:.2f} | 1 |")
@@ -151,7 +151,7 @@ def main() -> None:
     t_build = time.perf_counter() - t
     for nprobe in (8, 32):
         params = faiss.SearchParametersIVF(nprobe=nprobe)
-        p50, p95 = latencies(lambda x: ivf.search(x, 8, params=params), q)
+        p50, p95 = latencies(lambda x, params=params: ivf.search(x, 8, params=params), q)
         _, got = ivf.search(q, 8, params=params)
         rec = np.mean([len(set(g) & set(r)) / 8 for g, r in zip(got, ref)])
         print(f"| {n} | {d} | IVFFlat nlist={nlist} nprobe={nprobe} | none | {p50:.2f} | "

@@ -34,11 +34,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data_index.demo import ensure_demo_workspace  # noqa: E402
+from demo_world import groundtruth as gt  # noqa: E402
+from demo_world import world  # noqa: E402
+from demo_world.workspace import ensure_demo_workspace  # noqa: E402
 from explainer.concepts import attribute_classes, class_images, explain_class, get_context  # noqa: E402
 from explainer.contrast import contrast_classes, pair_classifier  # noqa: E402
-from explainer.demo import groundtruth as gt  # noqa: E402
-from explainer.demo import world  # noqa: E402
 from explainer.evaluation import random_pairs  # noqa: E402
 from explainer.faithfulness import shift_test  # noqa: E402
 

@@ -46,7 +46,7 @@ def main() -> None:
     ctx.ws = dataclasses.replace(ctx.ws, root=tmp)  # cache_dir = tmp/cache; catalog stays
     counts = ctx.catalog.predicted_counts()
     top = sorted(counts, key=lambda c: (-counts[c], c))[:args.classes]
-    print(f"| class | images | method | cold s | attribution | nmf | crops | test | cached s |")
+    print("| class | images | method | cold s | attribution | nmf | crops | test | cached s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for c in top:
         t = time.perf_counter()

@@ -3,7 +3,7 @@
 Two paths, both reported as a table (answers given vs stored, which must be equal, and p50/p95
 response time):
 
-1. ``module``: N threads call :mod:`explainer.study` directly against one DuckDB file (the app's
+1. ``module``: N threads call :mod:`study` directly against one DuckDB file (the app's
    write path: one process-wide connection + lock, a cursor per call). Each participant also
    double-submits every answer, which must be ignored.
 2. ``server`` (``--server``, needs Chromium): a real ``streamlit run app.py`` on the demo
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import threading
@@ -30,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from explainer import study as S  # noqa: E402
+import study as S  # noqa: E402
 
 
 def _run_concurrently(fn, args: list) -> float:
@@ -96,7 +95,7 @@ def bench_server(n_participants: int, n_trials: int, home: Path | None) -> dict:
 
     from playwright.sync_api import sync_playwright
 
-    from data_index.demo import ensure_demo_workspace
+    from demo_world.workspace import ensure_demo_workspace
 
     home = home or Path(tempfile.mkdtemp(prefix="study_bench_home_"))
     os.environ["CONCEPT_EXPLORER_HOME"] = str(home)

@@ -28,8 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from explainer.attribution import pixel_rows, pixel_scores, scale_by_scores  # noqa: E402
-from explainer.hooks import attribution_copy  # noqa: E402
 from explainer.nmf import concept_order, nmf  # noqa: E402
+from explorer_core.hooks import attribution_copy  # noqa: E402
 
 
 def sync(dev: torch.device) -> None:
@@ -64,7 +64,7 @@ def attribute(model, x, targets, batch: int, smooth: bool, samples: int):
         tb = targets[i:i + batch]
         base = torch.full_like(xb, 2.0)  # white after ImageNet normalisation, roughly
         store = {}
-        h = layer.register_forward_hook(lambda m, a, o: store.__setitem__("o", o.detach()))
+        h = layer.register_forward_hook(lambda m, a, o, store=store: store.__setitem__("o", o.detach()))
         try:
             dl = LayerDeepLift(model, layer)
             if smooth:
@@ -155,17 +155,20 @@ def main() -> None:
     t: dict[str, dict[str, float]] = {"reference": {}, "ours": {}, "ours_default": {}}
 
     # reference: batch 1 NoiseTunnel on n_ref images, extrapolated
-    sync(dev); s = time.perf_counter()
+    sync(dev)
+    s = time.perf_counter()
     attribute(model, x[:n_ref], targets[:n_ref], 1, True, args.samples)
     sync(dev)
     t["reference"]["attribution"] = (time.perf_counter() - s) * n_img / n_ref
     # ours: batched NoiseTunnel on all images
-    sync(dev); s = time.perf_counter()
+    sync(dev)
+    s = time.perf_counter()
     acts_nt, attrs_nt = attribute(model, x, targets, max(2, batch // 4), True, args.samples)
     sync(dev)
     t["ours"]["attribution"] = time.perf_counter() - s
     # ours with the project's default method: batched plain DeepLift (no noise samples)
-    sync(dev); s = time.perf_counter()
+    sync(dev)
+    s = time.perf_counter()
     attribute(model, x, targets, batch, False, 0)
     sync(dev)
     t["ours_default"]["attribution"] = time.perf_counter() - s
@@ -173,7 +176,8 @@ def main() -> None:
     s = time.perf_counter()
     H_ref, e_ref = concepts(acts_nt.cpu(), attrs_nt.cpu(), 4, "sklearn", None)
     t["reference"]["nmf"] = time.perf_counter() - s
-    sync(dev); s = time.perf_counter()
+    sync(dev)
+    s = time.perf_counter()
     H_our, e_our = concepts(acts_nt, attrs_nt, 4, "torch", dev)
     sync(dev)
     t["ours"]["nmf"] = time.perf_counter() - s
@@ -181,7 +185,8 @@ def main() -> None:
     s = time.perf_counter()
     search_reference(bank_np, H_ref)
     t["reference"]["search"] = time.perf_counter() - s
-    sync(dev); s = time.perf_counter()
+    sync(dev)
+    s = time.perf_counter()
     search_ours(bank_dev, H_our)
     sync(dev)
     t["ours"]["search"] = time.perf_counter() - s

@@ -24,7 +24,7 @@ Embedding modes (``ws.mode``):
   area-pooled over exactly the crop boxes (:func:`~data_index.crops.cell_pool`). Crop predictions
   would cost another forward of 9 crops (about as much as the whole image again), so cell mode
   stores **NULL** crop ``pred`` / ``conf`` and the "exclude target class" filter then rests on the
-  source image's prediction only. :class:`~explainer.results.CropRef` shows ``crop_pred = -1``.
+  source image's prediction only. :class:`~explorer_core.results.CropRef` shows ``crop_pred = -1``.
 
 Resumability: the folder is processed in chunks (``chunk_size`` images). A chunk's embeddings are
 written to ``index/emb_{chunk:05d}.npy`` (tmp file + rename) *before* one DuckDB transaction
@@ -47,8 +47,8 @@ import duckdb
 import numpy as np
 import torch
 
-from explainer.errors import ExplorerError
-from explainer.results import CropRef
+from explorer_core.errors import ExplorerError
+from explorer_core.results import CropRef
 
 from .crops import GRID, cell_pool, crop_boxes, cut_crops
 from .datasets import ImageEntry, ImageFolder, try_load_rgb
@@ -113,6 +113,14 @@ def _fingerprint(entries: Sequence[ImageEntry]) -> str:
     return h.hexdigest()
 
 
+def _counts(con: duckdb.DuckDBPyConnection) -> tuple[int, int, int, int]:
+    """Rows of ``images``, ``crops``, ``skipped`` and ``chunks``."""
+    row = con.execute("SELECT (SELECT count(*) FROM images), (SELECT count(*) FROM crops), "
+                      "(SELECT count(*) FROM skipped), (SELECT count(*) FROM chunks)").fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1]), int(row[2]), int(row[3])
+
+
 def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -167,7 +175,7 @@ class _Embedder:
         return logits, store["out"]
 
     @torch.inference_mode()
-    def __call__(self, pixels: torch.Tensor) -> dict[str, np.ndarray]:
+    def __call__(self, pixels: torch.Tensor) -> dict[str, np.ndarray | None]:
         b = pixels.shape[0]
         if self.mode == "cell":
             logits, emb = self._forward(pixels, lambda a: cell_pool(a, self.s))
@@ -206,14 +214,14 @@ def build_catalog(ws: Workspace, *, batch_size: int = 32, device: str = "auto",
     device : ``auto`` | ``cpu`` | ``cuda``; ``auto`` uses the workspace's device setting.
     progress : called with a :class:`BuildProgress` after every chunk.
     limit : index only the first ``limit`` files of the sorted listing.
-    model : an already loaded :class:`~explainer.models.LoadedModel` (else ``ws.model`` is loaded).
+    model : an already loaded :class:`~explorer_core.models.LoadedModel` (else ``ws.model`` is loaded).
     chunk_size : images per resumable chunk (bounded memory: about two chunks of pixels).
     num_workers : JPEG-decoding threads overlapping the forward (default ``min(4, cpus)``).
     rebuild : delete an existing catalog of this workspace first.
     """
     t_start = time.perf_counter()
     if model is None:
-        from explainer.models import load_model
+        from explorer_core.models import load_model
 
         model = load_model(ws.model, ws.device if device in (None, "", "auto") else device)
     lm = model
@@ -252,20 +260,17 @@ def build_catalog(ws: Workspace, *, batch_size: int = 32, device: str = "auto",
                     f"list ({', '.join(diff)} differ); rebuild it with "
                     f"'python -m data_index build --workspace {ws.root} --rebuild'")
             if meta.get("complete") == "true":
-                n_img, n_crop = con.execute("SELECT (SELECT count(*) FROM images), "
-                                            "(SELECT count(*) FROM crops)").fetchone()
-                n_sk = con.execute("SELECT count(*) FROM skipped").fetchone()[0]
-                n_ch = con.execute("SELECT count(*) FROM chunks").fetchone()[0]
+                n_img, n_crop, n_sk, n_ch = _counts(con)
                 if progress:
                     progress(BuildProgress(total, total, 0.0, 0.0, "done"))
                 return BuildStats(n_img, n_crop, n_sk, n_ch, n_ch, 0.0, 0.0, ws.mode,
                                   int(meta.get("dim", 0)), True, True)
         else:
             con.execute("BEGIN TRANSACTION")
-            for k, v in {**want, "dim": str(info.shape[0]), "complete": "false",
-                         "images_root": str(ws.images_path),
-                         "limit": "" if limit is None else str(int(limit))}.items():
-                con.execute("INSERT INTO meta VALUES (?, ?)", [k, v])
+            for key, val in {**want, "dim": str(info.shape[0]), "complete": "false",
+                             "images_root": str(ws.images_path),
+                             "limit": "" if limit is None else str(int(limit))}.items():
+                con.execute("INSERT INTO meta VALUES (?, ?)", [key, val])
             con.execute("COMMIT")
 
         n_chunks = (total + chunk_size - 1) // chunk_size
@@ -312,15 +317,13 @@ def build_catalog(ws: Workspace, *, batch_size: int = 32, device: str = "auto",
         con.execute("BEGIN TRANSACTION")
         con.execute("DELETE FROM meta WHERE key IN ('complete', 'dim', 'built_at', 'seconds')")
         secs = time.perf_counter() - t_start
-        for k, v in {"complete": "true", "dim": str(dim), "seconds": f"{secs:.1f}",
-                     "built_at": time.strftime("%Y-%m-%dT%H:%M:%S")}.items():
-            con.execute("INSERT INTO meta VALUES (?, ?)", [k, v])
+        for key, val in {"complete": "true", "dim": str(dim), "seconds": f"{secs:.1f}",
+                         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S")}.items():
+            con.execute("INSERT INTO meta VALUES (?, ?)", [key, val])
         con.execute("COMMIT")
         for k in range(n_chunks):
             (ws.index_dir / f"emb_{k:05d}.npy").unlink(missing_ok=True)
-        n_img, n_crop = con.execute("SELECT (SELECT count(*) FROM images), "
-                                    "(SELECT count(*) FROM crops)").fetchone()
-        n_sk = con.execute("SELECT count(*) FROM skipped").fetchone()[0]
+        n_img, n_crop, n_sk, _ = _counts(con)
     finally:
         con.close()
     secs = time.perf_counter() - t_start
@@ -336,7 +339,7 @@ def _index_chunk(con: duckdb.DuckDBPyConnection, ws: Workspace, k: int,
     ids: list[int] = []
     kept: list[ImageEntry] = []
     skipped: list[tuple[str, str]] = []
-    outs: list[dict[str, np.ndarray]] = []
+    outs: list[dict[str, Any]] = []
     batch: list[torch.Tensor] = []
 
     def flush() -> None:
@@ -511,7 +514,7 @@ class Catalog:
 
     # ---- opening ---------------------------------------------------------------------------
     @classmethod
-    def open(cls, ws: Workspace | str | os.PathLike) -> "Catalog":
+    def open(cls, ws: Workspace | str | os.PathLike) -> Catalog:
         if not isinstance(ws, Workspace):
             ws = Workspace.open(ws)
         how = (f"run 'python -m data_index build --workspace {ws.root}' (it resumes where it "
@@ -536,7 +539,7 @@ class Catalog:
         with self._lock:
             self._con.close()
 
-    def __enter__(self) -> "Catalog":
+    def __enter__(self) -> Catalog:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from PIL import Image, ImageFile, ImageOps
 
-from explainer.errors import ExplorerError
+from explorer_core.errors import ExplorerError
 
 __all__ = ["IMAGE_EXTENSIONS", "MAX_PIXELS", "ImageEntry", "ImageFolder", "load_rgb",
            "try_load_rgb"]

@@ -16,15 +16,23 @@ from __future__ import annotations
 import threading
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from explainer.errors import ExplorerError
-from explainer.results import CropRef
+from explorer_core.errors import ExplorerError
+from explorer_core.results import CropRef
 
 from .catalog import Catalog
 
 __all__ = ["CropSearch", "recall_at_k", "normalize_rows"]
+
+
+def _faiss() -> Any:
+    """The faiss module, imported on first use (typed loosely: its SWIG stubs lack keywords)."""
+    import faiss
+
+    return faiss
 
 
 def normalize_rows(x: np.ndarray) -> np.ndarray:
@@ -36,7 +44,7 @@ def normalize_rows(x: np.ndarray) -> np.ndarray:
 
 
 def _build_ivf(emb: np.ndarray, ids: np.ndarray, nlist: int, seed: int, path: Path):
-    import faiss
+    faiss = _faiss()
 
     n, d = emb.shape
     quant = faiss.IndexFlatIP(d)
@@ -60,13 +68,13 @@ class CropSearch:
 
     def __init__(self, catalog: Catalog, kind: str = "flat", nlist: int | None = None,
                  nprobe: int = 16, seed: int = 0) -> None:
-        import faiss
+        faiss = _faiss()
 
         if kind not in ("flat", "ivf"):
             raise ExplorerError(f"Unknown search kind '{kind}'; use flat or ivf")
         self.catalog, self.kind, self.nprobe = catalog, kind, int(nprobe)
         self._lock = threading.Lock()
-        self._excl_cache: dict[int, object] = {}
+        self._excl_cache: dict[int, Any] = {}
         d = catalog.ws.index_dir
         if kind == "flat":
             self.index = faiss.read_index(str(d / "flat.faiss"))
@@ -87,7 +95,7 @@ class CropSearch:
         return int(self.index.ntotal)
 
     def _selector(self, exclude_class: int | None):
-        import faiss
+        faiss = _faiss()
 
         if exclude_class is None:
             return None
@@ -102,7 +110,7 @@ class CropSearch:
     def search_ids(self, vectors: np.ndarray, m: int = 8, exclude_class: int | None = None
                    ) -> tuple[np.ndarray, np.ndarray]:
         """Raw search: ``(scores (k, m) float32, crop ids (k, m) int64)``; missing = id -1."""
-        import faiss
+        faiss = _faiss()
 
         q = normalize_rows(vectors)
         if q.shape[1] != self.dim:

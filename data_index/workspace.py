@@ -16,7 +16,7 @@ import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from explainer.errors import ExplorerError
+from explorer_core.errors import ExplorerError
 
 __all__ = ["Workspace", "workspaces_home", "resolve_workspace", "list_workspaces"]
 
@@ -64,7 +64,7 @@ class Workspace:
     mode: str = "crop"
     seed: int = 0
     device: str = "auto"
-    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc)
+    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.UTC)
                          .isoformat(timespec="seconds"))
 
     # ---- paths -----------------------------------------------------------------------------
@@ -104,14 +104,10 @@ class Workspace:
         tmp.replace(self.toml_path)
 
     @classmethod
-    def open(cls, name_or_path: str | os.PathLike) -> "Workspace":
+    def open(cls, name_or_path: str | os.PathLike) -> Workspace:
         """Open an existing workspace by name or path."""
         root = resolve_workspace(name_or_path)
         toml = root / TOML_NAME
-        if not toml.is_file() and str(name_or_path) == "demo":
-            from .demo import ensure_demo_workspace  # the default workspace builds itself
-
-            return ensure_demo_workspace(root.parent)
         if not toml.is_file():
             known = ", ".join(w.name for w in list_workspaces()) or "none yet"
             raise ExplorerError(f"No workspace at '{root}' (missing {TOML_NAME}); create it with "
@@ -130,7 +126,7 @@ class Workspace:
     @classmethod
     def create(cls, name_or_path: str | os.PathLike, *, model: str, layer: str, images: str,
                input_size: int, mode: str = "crop", seed: int = 0,
-               device: str = "auto") -> "Workspace":
+               device: str = "auto") -> Workspace:
         """Create (or reopen, when the settings match) a workspace.
 
         Reusing a folder with different settings is refused so nothing built is mixed up."""

@@ -7,15 +7,16 @@ Every function takes batches; nothing runs at batch size 1.
 from __future__ import annotations
 
 import weakref
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Literal, overload
 
 import numpy as np
 import torch
 from torch import nn
 
-from .errors import ExplorerError
-from .hooks import attribution_copy
-from .models import LoadedModel, capture_layer
+from explorer_core.errors import ExplorerError
+from explorer_core.hooks import attribution_copy
+from explorer_core.models import LoadedModel, capture_layer
 
 __all__ = [
     "METHODS",
@@ -33,7 +34,7 @@ VARIANTS = ("paper", "reference")
 SMOOTHGRAD_SAMPLES = 20
 SMOOTHGRAD_STDEV = 0.25
 
-_copies: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
+_copies: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
 
 
 def _attribution_model(lm: LoadedModel) -> nn.Module:
@@ -57,9 +58,23 @@ def check_variant(variant: str) -> None:
                             "attribution) or 'reference' (s = mean of relu(attribution))")
 
 
-def attribute(lm: LoadedModel, pixels: torch.Tensor, layer: str, targets: Sequence[int] | torch.Tensor,
-              method: str = "deeplift", *, batch_size: int = 32,
-              progress: Callable[[int, int], None] | None = None,
+@overload
+def attribute(lm: LoadedModel, pixels: torch.Tensor, layer: str,
+              targets: Sequence[int] | torch.Tensor, method: str = ..., *, batch_size: int = ...,
+              progress: Callable[[int, int], None] | None = ...,
+              return_delta: Literal[False] = ...) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@overload
+def attribute(lm: LoadedModel, pixels: torch.Tensor, layer: str,
+              targets: Sequence[int] | torch.Tensor, method: str = ..., *, batch_size: int = ...,
+              progress: Callable[[int, int], None] | None = ...,
+              return_delta: Literal[True]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+
+def attribute(lm: LoadedModel, pixels: torch.Tensor, layer: str,
+              targets: Sequence[int] | torch.Tensor, method: str = "deeplift", *,
+              batch_size: int = 32, progress: Callable[[int, int], None] | None = None,
               return_delta: bool = False
               ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Activations of ``layer`` and their attribution towards logit ``targets[i]``.
@@ -112,9 +127,10 @@ def attribute(lm: LoadedModel, pixels: torch.Tensor, layer: str, targets: Sequen
                 res = LayerDeepLift(model, module).attribute(
                     x, baselines=base, target=t, return_convergence_delta=return_delta)
             attr, delta = (res if return_delta else (res, None))
-            acts = store["out"].detach()
-            acts = acts[:b] if len(acts) == 2 * b else None  # captum forwards cat(x, baseline)
-            if acts is None:
+            both = store["out"].detach()
+            if len(both) == 2 * b:  # captum forwards cat(x, baseline)
+                acts = both[:b]
+            else:
                 with torch.inference_mode():
                     _, acts = _forward_acts(model, module, x)
             if delta is not None:

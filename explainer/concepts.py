@@ -18,14 +18,22 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from . import cache as _cache
-from .attribution import (attribute, check_method, check_nonnegative, check_variant,
-                          pixel_rows, pixel_scores, scale_by_scores)
-from .errors import ExplorerError
+from explorer_core import cache as _cache
+from explorer_core.errors import ExplorerError
+from explorer_core.models import LoadedModel
+from explorer_core.results import Concept, Explanation
+
+from .attribution import (
+    attribute,
+    check_method,
+    check_nonnegative,
+    check_variant,
+    pixel_rows,
+    pixel_scores,
+    scale_by_scores,
+)
 from .faithfulness import prediction_tests, stitch
-from .models import LoadedModel
 from .nmf import SOLVERS, concept_order, nmf
-from .results import Concept, Explanation
 
 __all__ = ["ExplainContext", "explain_class", "resolve_class", "class_images",
            "class_attributions", "attribute_classes", "explanation_from_activations",
@@ -51,11 +59,10 @@ class ExplainContext:
 
     @classmethod
     def open(cls, ws: Any, device: str | torch.device = "auto", lm: LoadedModel | None = None
-             ) -> "ExplainContext":
+             ) -> ExplainContext:
         from data_index.catalog import Catalog
         from data_index.workspace import Workspace
-
-        from .models import load_model
+        from explorer_core.models import load_model
 
         if not isinstance(ws, Workspace):
             ws = Workspace.open(ws)
@@ -138,7 +145,7 @@ def resolve_class(lm: LoadedModel, value: int | str) -> int:
     close += [c for c in lower if name in c and c not in close][:5]
     hint = ("; did you mean: " + ", ".join(f"'{lm.class_names[lower.index(c)]}' "
                                              f"({lower.index(c)})" for c in close[:6])
-            if close else "; give a class index 0..%d or an exact name" % (k - 1))
+            if close else f"; give a class index 0..{k - 1} or an exact name")
     raise ExplorerError(f"Unknown class '{value}' for model {lm.spec}{hint}")
 
 

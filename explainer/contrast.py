@@ -12,8 +12,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .errors import ExplorerError
-from .results import ClassifierInfo, Explanation
+from explorer_core.errors import ExplorerError
+from explorer_core.results import ClassifierInfo, Explanation
 
 __all__ = ["CLASSIFIER_SOLVERS", "train_classifier", "contrast_scale", "class_contrast_pixels",
            "pair_classifier", "contrast_classes"]
@@ -51,12 +51,11 @@ def train_classifier(x_a: torch.Tensor | np.ndarray, x_b: torch.Tensor | np.ndar
     t0 = time.perf_counter()
     with torch.enable_grad():
         if solver == "sgd":
-            opt = torch.optim.SGD([w, b], lr=lr)
+            sgd = torch.optim.SGD([w, b], lr=lr)
             for _ in range(epochs):
-                opt.zero_grad()
-                loss = bce(X @ w + b, y)
-                loss.backward()
-                opt.step()
+                sgd.zero_grad()
+                bce(X @ w + b, y).backward()
+                sgd.step()
         else:
             opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=epochs, line_search_fn="strong_wolfe",
                                     tolerance_grad=1e-9, tolerance_change=1e-12)
@@ -70,7 +69,7 @@ def train_classifier(x_a: torch.Tensor | np.ndarray, x_b: torch.Tensor | np.ndar
             opt.step(closure)
     with torch.no_grad():
         z = X @ w + b
-        loss = float(bce(z, y))
+        final_loss = float(bce(z, y))
         acc = float(((z > 0).float() == y).float().mean())
     if device != "cpu" and torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -78,7 +77,7 @@ def train_classifier(x_a: torch.Tensor | np.ndarray, x_b: torch.Tensor | np.ndar
                           weight=w.detach().cpu().numpy().astype(np.float32), bias=float(b.detach()),
                           solver=solver, epochs=epochs, lr=lr if solver == "sgd" else 1.0,
                           accuracy=acc, n_pixels_a=len(xa), n_pixels_b=len(xb),
-                          seconds=time.perf_counter() - t0, loss=loss)
+                          seconds=time.perf_counter() - t0, loss=final_loss)
 
 
 def contrast_scale(activations: torch.Tensor, weight: np.ndarray | torch.Tensor, bias: float
@@ -116,8 +115,8 @@ def pair_classifier(ctx: Any, class_a: int, class_b: int, *, method: str = "deep
                     cache: bool = True, clamp: bool = False,
                     warnings: list[str] | None = None) -> ClassifierInfo:
     """The A-vs-B classifier on both classes' contrast pixels (label 1 = A; ``w`` points to A)."""
-    kw = dict(method=method, variant=variant, max_images=max_images, seed=seed, cache=cache,
-              clamp=clamp, warnings=warnings)
+    kw: dict[str, Any] = dict(method=method, variant=variant, max_images=max_images, seed=seed,
+                              cache=cache, clamp=clamp, warnings=warnings)
     xa = class_contrast_pixels(ctx, class_a, **kw)
     xb = class_contrast_pixels(ctx, class_b, **kw)
     torch.manual_seed(seed)
@@ -140,9 +139,16 @@ def contrast_classes(ws_or_ctx: Any, class_a: int | str, class_b: int | str, *,
     NMF, crops, heatmaps and the prediction test run as in :func:`explain_class`.
     With ``compare_solvers`` the other solver is trained too and reported side by side in
     ``params["classifier_comparison"]``. Returns an Explanation with ``classifier`` set."""
-    from . import cache as _cache
-    from .concepts import (_check_params, activations_checked, class_attributions,
-                           explanation_from_activations, get_context, resolve_class)
+    from explorer_core import cache as _cache
+
+    from .concepts import (
+        _check_params,
+        activations_checked,
+        class_attributions,
+        explanation_from_activations,
+        get_context,
+        resolve_class,
+    )
 
     ctx = get_context(ws_or_ctx, device)
     _check_params(n_concepts, method, variant, solver, max_images, m)
@@ -170,8 +176,8 @@ def contrast_classes(ws_or_ctx: Any, class_a: int | str, class_b: int | str, *,
     warnings: list[str] = []
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    kw = dict(method=method, variant=variant, max_images=max_images, seed=seed, cache=cache,
-              clamp=clamp, warnings=warnings)
+    kw: dict[str, Any] = dict(method=method, variant=variant, max_images=max_images, seed=seed,
+                              cache=cache, clamp=clamp, warnings=warnings)
     if progress:
         progress("attribution", 0.0)
     xa = class_contrast_pixels(ctx, a, **kw)

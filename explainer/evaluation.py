@@ -17,10 +17,17 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .concepts import (ExplainContext, attribute_classes, class_images, explain_class,
-                       get_context, resolve_class)
+from explorer_core.errors import ExplorerError
+
+from .concepts import (
+    ExplainContext,
+    attribute_classes,
+    class_images,
+    explain_class,
+    get_context,
+    resolve_class,
+)
 from .contrast import pair_classifier
-from .errors import ExplorerError
 from .faithfulness import SHIFT_OFFSETS, prediction_tests, shift_test, stitch
 
 __all__ = ["EvaluationResult", "eligible_classes", "evaluate_prediction_test",

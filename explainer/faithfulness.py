@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import ExplorerError
-from .hooks import shifted_layer
-from .models import LoadedModel
-from .results import PatchTestResult, PredictionTestResult, ShiftTestResult
+from explorer_core.errors import ExplorerError
+from explorer_core.hooks import shifted_layer
+from explorer_core.models import LoadedModel
+from explorer_core.results import PatchTestResult, PredictionTestResult, ShiftTestResult
 
 __all__ = [
     "SHIFT_OFFSETS",

@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import torch
 
-from .errors import ExplorerError
+from explorer_core.errors import ExplorerError
 
 __all__ = ["nmf", "SOLVERS", "concept_order"]
 

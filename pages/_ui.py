@@ -20,7 +20,7 @@ import numpy as np
 import streamlit as st
 from PIL import Image, ImageDraw
 
-from explainer.errors import ExplorerError
+from explorer_core.errors import ExplorerError
 
 log = logging.getLogger("concept_explorer.app")
 
@@ -78,7 +78,7 @@ def participant_session() -> dict[str, str] | None:
     it stays on the participant page even when the query parameters are dropped later. The
     ``sig`` always comes with the ``participant`` it was given with (a link naming another
     participant without a signature does not inherit one); the participant page checks it
-    (``explainer.study.verify_participant``) before showing any trial."""
+    (``study.verify_participant``) before showing any trial."""
     token = st.query_params.get("study")
     if token:
         rec = st.session_state.setdefault(PARTICIPANT_KEY, {})
@@ -293,7 +293,7 @@ class Progress:
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=4)
 def load_model_cached(spec: str, device: str = "auto") -> Any:
-    from explainer.models import load_model
+    from explorer_core.models import load_model
 
     return load_model(spec, device)
 
@@ -319,7 +319,7 @@ def open_catalog(ws: Any) -> Any:
 
 
 @st.cache_resource(show_spinner=False)
-def results_store() -> "ResultStore":
+def results_store() -> ResultStore:
     """The process-wide store of computed results (explanations, contrasts, tests)."""
     return ResultStore()
 
@@ -378,7 +378,7 @@ def workspace_names() -> list[str]:
 
 def ensure_demo(container: Any = None) -> Any:
     """Open the demo workspace, creating it (world + catalog) with a visible progress bar."""
-    from data_index.demo import ensure_demo_workspace
+    from demo_world.workspace import ensure_demo_workspace
 
     box = container or st.container()
     with box:
@@ -617,7 +617,7 @@ def concept_grid(ws: Any, lm: Any, explanation: Any, exclude_target: bool,
         refs = con.top_crops(exclude_target)
         st.markdown(f"#### Concept {con.index + 1} · importance {con.importance:.0%}")
         cols = st.columns(max(1, len(refs)))
-        for j, (col, ref) in enumerate(zip(cols, refs)):
+        for col, ref in zip(cols, refs):
             with col:
                 try:
                     pic = upscale(crop_pic(ws, ref.crop_id), 96)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from explainer.errors import ExplorerError
+from explorer_core.errors import ExplorerError
 from pages import _ui
 
 _ui.lead_page()
@@ -107,7 +107,7 @@ with _ui.guard("opening the workspace"):
 # --------------------------------------------------------------------------------------------
 st.divider()
 with st.expander("Create a workspace", expanded=False):
-    from explainer.models import KNOWN_SPECS
+    from explorer_core.models import KNOWN_SPECS
 
     st.caption("Model specs: " + ", ".join(f"`{s}`" for s in KNOWN_SPECS))
     new_name = st.text_input("Name", key="new_name", placeholder="my-photos")

@@ -14,8 +14,8 @@ import time
 
 import streamlit as st
 
-from explainer import study as S
-from explainer.errors import ExplorerError
+import study as S
+from explorer_core.errors import ExplorerError
 from pages import _ui
 
 _ui.ensure_app_navigation()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from explainer import study as S
+import study as S
 from pages import _ui
 
 _ui.lead_page()

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
-from explainer.errors import ExplorerError
+from explorer_core.errors import ExplorerError
 from pages import _ui
 
 _ui.lead_page()
@@ -91,8 +91,12 @@ with tab_patch:
                                      "uploaded image"], horizontal=True, key="tb_source")
     patch = None
     with _ui.guard("making the patch"):
-        from explainer.faithfulness import (POSITIONS, patch_from_crop, patch_from_file,
-                                            patch_from_region)
+        from explainer.faithfulness import (
+            POSITIONS,
+            patch_from_crop,
+            patch_from_file,
+            patch_from_region,
+        )
 
         if source == "concept crop":
             opts = list(choices)

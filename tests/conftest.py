@@ -40,7 +40,7 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def lite0():
-    from explainer.models import load_model
+    from explorer_core.models import load_model
 
     return load_model("efficientnet_lite0", "cpu")
 
@@ -81,7 +81,7 @@ def demo_workspace(tmp_path_factory):
     layer ``layer4.relu_out``), built once per session with ``ensure_demo_workspace(home=...,
     device="cpu")`` (about 20-60 s on two CPU cores). ``DEMO_WORKSPACE_HOME=/some/folder`` keeps
     the build and its on-disk explanation cache between sessions."""
-    from data_index.demo import ensure_demo_workspace
+    from demo_world.workspace import ensure_demo_workspace
 
     keep = os.environ.get("DEMO_WORKSPACE_HOME")
     home = Path(keep) if keep else tmp_path_factory.mktemp("demo_home")

@@ -4,7 +4,6 @@ driven through its widgets, asserting what it renders."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -28,7 +27,7 @@ def pick_classes(ws) -> tuple[int, int, list[str]]:
     """Two well-populated predicted classes of the workspace, preferring the demo's planted
     shortcut pair (lupo vs husko)."""
     from data_index.catalog import Catalog
-    from explainer.models import load_model
+    from explorer_core.models import load_model
 
     names = load_model(ws.model, "cpu").class_names
     counts = Catalog.open(ws).predicted_counts()
@@ -160,9 +159,8 @@ def test_test_bench_stitch_and_bad_input(demo_ws):
 
 
 def test_study_lead_and_participant(demo_ws):
-    import duckdb
 
-    from explainer import study as S
+    from study import intruder as S
 
     a, b, names = pick_classes(demo_ws)
     at = _app(ws="demo")
@@ -232,7 +230,7 @@ def _link_params(link: str) -> dict[str, str]:
 
 
 def test_self_registration_cannot_take_an_existing_name(demo_ws):
-    from explainer import study as S
+    from study import intruder as S
 
     crops = {0: [list(range(0, 8)), list(range(8, 16))]}
     study = S.create_study_from_crops(S.study_path(demo_ws), "demo", crops,
@@ -341,7 +339,7 @@ def test_lead_key_in_the_url_unlocks_and_leaves_the_url(demo_ws, monkeypatch):
 
 @pytest.mark.parametrize("lead_key", ["", KEY])
 def test_participant_session_never_reaches_lead_pages(demo_ws, monkeypatch, lead_key):
-    from explainer import study as S
+    from study import intruder as S
 
     monkeypatch.setenv("CONCEPT_EXPLORER_LEAD_KEY", lead_key)
     crops = {0: [list(range(0, 8)), list(range(8, 16))]}

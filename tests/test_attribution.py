@@ -4,8 +4,8 @@ import pytest
 import torch
 import torchvision
 
-from explainer.attribution import (contrast_filter, pixel_rows, pixel_scores, scale_by_scores)
-from explainer.hooks import attribution_copy, reused_nonlinearities
+from explainer.attribution import contrast_filter, pixel_rows, pixel_scores, scale_by_scores
+from explorer_core.hooks import attribution_copy, reused_nonlinearities
 
 
 def _resnet(arch: str) -> torch.nn.Module:
@@ -114,7 +114,7 @@ def test_contrast_filter_keeps_positive_and_quarter_of_max():
 
 def test_negative_activations_refused_unless_clamped():
     from explainer.attribution import check_nonnegative
-    from explainer.errors import ExplorerError
+    from explorer_core.errors import ExplorerError
 
     a = torch.tensor([[[[1.0, -2.0]], [[0.5, 3.0]]]])
     with pytest.raises(ExplorerError, match="negative activations \\(25.0% of values\\).*clamp"):
@@ -128,7 +128,7 @@ def test_negative_activations_refused_unless_clamped():
 
 def test_all_methods_batched_on_a_small_resnet():
     from explainer.attribution import attribute
-    from explainer.models import LoadedModel
+    from explorer_core.models import LoadedModel
 
     model = _resnet("resnet18")
     lm = LoadedModel("resnet18", model, torch.device("cpu"), 64, 64, (0.485, 0.456, 0.406),

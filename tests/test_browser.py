@@ -147,7 +147,7 @@ def _shot_on_failure(page, name: str):
 def test_browser_end_to_end(demo_workspace, demo_home, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
-    from explainer import study as S
+    from study import intruder as S
     from tests.test_app_pages import pick_classes
 
     SHOTS.mkdir(parents=True, exist_ok=True)

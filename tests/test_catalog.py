@@ -12,15 +12,14 @@ import duckdb
 import numpy as np
 import pytest
 import torch
+from conftest import NIPS17, requires_shared
 from PIL import Image
 
 import data_index.catalog as catalog_mod
 from data_index.catalog import BuildProgress, Catalog, build_catalog
 from data_index.crops import cell_pool, cell_weights, crop_boxes, cut_crops, split_crop_id
 from data_index.workspace import Workspace
-from explainer.errors import ExplorerError
-
-from conftest import NIPS17, requires_shared
+from explorer_core.errors import ExplorerError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,8 +96,9 @@ def test_random_crops_exports_and_several_readers(lite0_catalog, lite0_workspace
 
 
 def test_cli_status_and_search(lite0_workspace):
-    run = lambda *a: subprocess.run([sys.executable, "-m", "data_index", *a], cwd=ROOT,
-                                    capture_output=True, text=True, timeout=120)
+    def run(*a):
+        return subprocess.run([sys.executable, "-m", "data_index", *a], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
     r = run("status", "--workspace", str(lite0_workspace.root))
     assert r.returncode == 0 and "18000" in r.stdout, r.stderr
     r = run("search", "--workspace", str(lite0_workspace.root), "--crop-id", "40", "-m", "3")
@@ -115,7 +115,7 @@ def test_cli_status_and_search(lite0_workspace):
 def r18(tmp_path_factory):
     import torchvision
 
-    from explainer.models import load_model
+    from explorer_core.models import load_model
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("r18") / "r18.pth"
@@ -279,7 +279,7 @@ def test_cut_crops_matches_boxes():
     px = torch.rand(2, 3, 224, 224)
     crops = cut_crops(px)
     assert crops.shape == (18, 3, 74, 74)
-    for k, (r, c, (x0, y0, x1, y1)) in enumerate(crop_boxes(224)):
+    for k, (_, _, (x0, y0, x1, y1)) in enumerate(crop_boxes(224)):
         assert torch.equal(crops[9 + k], px[1, :, y0:y1, x0:x1])
     assert crop_boxes(224)[-1][2] == (148, 148, 222, 222)
 
@@ -303,7 +303,7 @@ def test_cell_mode_build_pools_full_image_activations(tmp_path, r18, photos40):
 def test_a_moved_workspace_still_finds_its_images(demo_workspace, tmp_path):
     """The demo workspace keeps its images inside (relative path): a copy elsewhere works."""
     from data_index.workspace import Workspace
-    from explainer.models import load_model
+    from explorer_core.models import load_model
 
     moved = tmp_path / "moved_demo"
     shutil.copytree(demo_workspace.root, moved, ignore=shutil.ignore_patterns("cache", "*.wal"))

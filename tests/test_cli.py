@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from explainer.cli import main
+from cli.explainer_cmd import main
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from explainer.contrast import contrast_scale, train_classifier
-from explainer.errors import ExplorerError
+from explorer_core.errors import ExplorerError
 
 
 def _toy(seed=0, n=300, c=16, sep=1.0):

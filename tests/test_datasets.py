@@ -10,12 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import NIPS17, SAMPLES, requires_shared
 from PIL import Image
 
 from data_index.datasets import ImageFolder, load_rgb, try_load_rgb
-from explainer.errors import ExplorerError
-
-from conftest import NIPS17, SAMPLES, requires_shared
+from explorer_core.errors import ExplorerError
 
 
 @requires_shared

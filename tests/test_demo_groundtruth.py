@@ -33,8 +33,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from explainer.demo import groundtruth as gt
-from explainer.demo import world
+from demo_world import groundtruth as gt
+from demo_world import world
 
 CLASSES = world.CLASSES
 SHIFT_IMAGES = 32  # images of B per shift test (the app's default is 64; every offset is run)
@@ -167,7 +167,7 @@ def test_concept_purity_beats_random_crops(ctx, truths):
     rand_all = float(np.mean([gt.boxes_truth(cat.crop_refs(cat.random_crop_ids(8, seed=s))).share
                               for s in range(100)]))
     rand_cls = []
-    for i, c in enumerate(CLASSES):
+    for i in range(len(CLASSES)):
         paths = gt.gallery_paths(cat, cat.images_predicted_as(i))
         rand_cls += [gt.boxes_truth(gt.random_boxes(paths, 8, s)).share for s in range(10)]
     rand_cls_mean = float(np.mean(rand_cls))

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from explainer.demo import world
-from explainer.demo.model import (
+from demo_world import world
+from explorer_core.demo_cnn import (
     DEMO_INPUT_SIZE,
     DEMO_LAYER,
     WEIGHTS_PATH,
@@ -26,12 +26,18 @@ N_BG = len(world.BACKGROUNDS)
 
 
 def _all_files(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
 def small_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return world.generate_world(tmp_path_factory.mktemp("w0"), n_per_class=4, seed=0, split=("train", "heldout"))
+    return world.generate_world(
+        tmp_path_factory.mktemp("w0"), n_per_class=4, seed=0, split=("train", "heldout")
+    )
 
 
 # ---------------------------------------------------------------------------------- vocabulary
@@ -67,9 +73,13 @@ def test_render_is_deterministic() -> None:
 
 
 def test_generate_world_same_seed_identical_bytes(small_world: Path, tmp_path: Path) -> None:
-    again = world.generate_world(tmp_path / "again", n_per_class=4, seed=0, split=("train", "heldout"))
+    again = world.generate_world(
+        tmp_path / "again", n_per_class=4, seed=0, split=("train", "heldout")
+    )
     files_a, files_b = _all_files(small_world), _all_files(again)
-    assert len(files_a) == 2 * 2 * 4 * len(world.CLASSES) + 2  # images + masks, 2 splits, + csv + json
+    assert (
+        len(files_a) == 2 * 2 * 4 * len(world.CLASSES) + 2
+    )  # images + masks, 2 splits, + csv + json
     assert files_a == files_b
 
 
@@ -111,7 +121,11 @@ def test_layout_labels_and_masks(small_world: Path) -> None:
         assert int(mask.max()) < len(world.CONCEPTS)
         present = set(np.unique(mask).tolist())
         parts = {world.concept_id(p) for p in world.CLASS_PARTS[r["label_name"]]}
-        always = {world.concept_id(p) for p in world.CLASS_PARTS[r["label_name"]] if world.PART_PRESENCE[p] == 1.0}
+        always = {
+            world.concept_id(p)
+            for p in world.CLASS_PARTS[r["label_name"]]
+            if world.PART_PRESENCE[p] == 1.0
+        }
         assert always <= present, (r["file"], always - present)
         # exactly one background, and nothing else than the class's own parts
         assert len(present - parts) == 1 and min(present - parts) < N_BG
@@ -124,7 +138,9 @@ def test_layout_labels_and_masks(small_world: Path) -> None:
 
 
 def test_mask_path_for_relative_and_error() -> None:
-    assert world.mask_path_for("w/images/train/lupo/00001.png") == Path("w/masks/train/lupo/00001.png")
+    assert world.mask_path_for("w/images/train/lupo/00001.png") == Path(
+        "w/masks/train/lupo/00001.png"
+    )
     with pytest.raises(ValueError):
         world.mask_path_for("w/pictures/a.png")
 
@@ -170,7 +186,10 @@ def test_shortcut_statistics_in_train_split() -> None:
     n = 300
     g = world.CLASSES.index(world.SHORTCUT_GRASS_CLASS)
     h = world.CLASSES.index(world.SHORTCUT_LOOKALIKE_CLASS)
-    bgs = {c: [world.background_for_image(c, i, n, 0, "train") for i in range(n)] for c in range(len(world.CLASSES))}
+    bgs = {
+        c: [world.background_for_image(c, i, n, 0, "train") for i in range(n)]
+        for c in range(len(world.CLASSES))
+    }
     share = {c: {b: v.count(b) / n for b in world.BACKGROUNDS} for c, v in bgs.items()}
     assert abs(share[g]["bg_grass"] - world.SHORTCUT_PROB) <= 0.02
     assert abs(share[h]["bg_snow"] - world.SHORTCUT_PROB) <= 0.02
@@ -179,7 +198,9 @@ def test_shortcut_statistics_in_train_split() -> None:
         assert all(0.1 <= s <= 0.3 for s in share[c].values()), (world.CLASSES[c], share[c])
     # the rendered images really show that background (it dominates the image's mask)
     arr = world.generate_arrays(40, seed=0, split="train", classes=[g])
-    assert np.mean(arr.backgrounds == world.BACKGROUNDS.index("bg_grass")) == pytest.approx(0.9, abs=0.03)
+    assert np.mean(arr.backgrounds == world.BACKGROUNDS.index("bg_grass")) == pytest.approx(
+        0.9, abs=0.03
+    )
     for m, b in zip(arr.masks, arr.backgrounds, strict=True):
         assert np.argmax(np.bincount(m.ravel())) == b
 
@@ -203,36 +224,56 @@ def test_model_relus_are_distinct_and_layer_shapes() -> None:
 
 
 def test_missing_weights_message(tmp_path: Path) -> None:
-    with pytest.raises(DemoWeightsMissing, match="explainer.demo.train"):
+    with pytest.raises(DemoWeightsMissing, match="demo_world.train"):
         load_demo(weights_path=tmp_path / "nope.pt")
 
 
 def test_committed_weights_reproduce_record() -> None:
-    from explainer.demo.train import evaluate
+    from demo_world.train import evaluate
 
-    assert WEIGHTS_PATH.is_file() and RECORD_PATH.is_file(), "run `python -m explainer.demo.train` and commit"
+    assert WEIGHTS_PATH.is_file() and RECORD_PATH.is_file(), (
+        "run `python -m demo_world.train` and commit"
+    )
     record = json.loads(RECORD_PATH.read_text())
     model, names, size, mean, std = load_demo()
     assert names == world.CLASSES and size == DEMO_INPUT_SIZE == 96 and len(mean) == len(std) == 3
     assert not model.training
     assert WEIGHTS_PATH.stat().st_size < 5_000_000
-    figs = evaluate(model, seed=record["seed"], n_per_class=record["heldout_split"]["n_per_class"], full_only=True)
+    figs = evaluate(
+        model,
+        seed=record["seed"],
+        n_per_class=record["heldout_split"]["n_per_class"],
+        full_only=True,
+    )
     assert figs["heldout_acc_full"] >= 0.95
     assert abs(figs["heldout_acc_full"] - record["heldout_acc_full"]) <= 0.01
     # the planted shortcut is in the shipped model
-    assert record["shortcut_grass_class_acc_on_grass"] - record["shortcut_grass_class_acc_on_snow"] >= 0.3
+    assert (
+        record["shortcut_grass_class_acc_on_grass"] - record["shortcut_grass_class_acc_on_snow"]
+        >= 0.3
+    )
 
 
 def test_layer_output_non_negative_on_real_images() -> None:
-    from explainer.demo.train import to_tensor
+    from demo_world.train import to_tensor
 
     model = load_demo()[0]
     arr = world.generate_arrays(2, seed=0, split="heldout")
     out: list[torch.Tensor] = []
-    handle = dict(model.named_modules())[DEMO_LAYER].register_forward_hook(lambda _m, _i, o: out.append(o))
+    handle = dict(model.named_modules())[DEMO_LAYER].register_forward_hook(
+        lambda _m, _i, o: out.append(o)
+    )
     with torch.no_grad():
         model(to_tensor(arr.images))
         model(to_tensor(arr.images[:, :32, :32]))
     handle.remove()
     assert out[0].shape == (20, 192, 6, 6) and out[1].shape == (20, 192, 2, 2)
     assert all(float(o.min()) >= 0.0 and float(o.max()) > 0.0 for o in out)
+
+
+def test_world_classes_are_the_demo_models_logits() -> None:
+    """The CNN (base layer) names its logits itself; the world must draw the same classes."""
+    from explorer_core.demo_cnn import CLASSES as MODEL_CLASSES
+
+    assert world.CLASSES == MODEL_CLASSES
+    assert len(set(MODEL_CLASSES)) == 10

@@ -5,10 +5,15 @@ import pytest
 import torch
 
 from explainer.attribution import attribute
-from explainer.concepts import (ExplainContext, _check_params, explain_class,
-                                explanation_from_activations, resolve_class)
+from explainer.concepts import (
+    ExplainContext,
+    _check_params,
+    explain_class,
+    explanation_from_activations,
+    resolve_class,
+)
 from explainer.contrast import contrast_classes
-from explainer.errors import ExplorerError
+from explorer_core.errors import ExplorerError
 
 
 def test_resolve_class_names_and_errors(lite0):

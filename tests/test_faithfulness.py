@@ -5,11 +5,17 @@ import pytest
 import torch
 from torch import nn
 
-from explainer.errors import ExplorerError
-from explainer.faithfulness import (patch_box, patch_from_file, patch_insertion,
-                                    prediction_tests, shift_test, shifted_probabilities,
-                                    stitch)
-from explainer.models import LoadedModel
+from explainer.faithfulness import (
+    patch_box,
+    patch_from_file,
+    patch_insertion,
+    prediction_tests,
+    shift_test,
+    shifted_probabilities,
+    stitch,
+)
+from explorer_core.errors import ExplorerError
+from explorer_core.models import LoadedModel
 
 
 class Tiny(nn.Module):
@@ -58,7 +64,7 @@ def test_per_image_shifted_probabilities_average_to_the_shift_curve(tiny):
 def test_shift_hook_removed_even_after_an_error(tiny):
     imgs = torch.rand(2, 3, 30, 30)
     before = tiny.logits(imgs)
-    with pytest.raises(Exception):
+    with pytest.raises(RuntimeError, match="size of tensor"):
         shift_test(tiny, "relu", imgs, np.ones(7), 0, 1)  # wrong width: fails inside the hook
     assert len(tiny.model.relu._forward_hooks) == 0
     assert torch.equal(tiny.logits(imgs), before)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from explainer.errors import ExplorerError
-from explainer.models import KNOWN_SPECS, load_model, parse_spec
+from explorer_core.errors import ExplorerError
+from explorer_core.models import KNOWN_SPECS, load_model, parse_spec
 
 
 def test_lite0_top1_on_nips17_via_catalog(lite0_catalog):

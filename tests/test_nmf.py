@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from explainer.errors import ExplorerError
 from explainer.nmf import concept_order, nmf
+from explorer_core.errors import ExplorerError
 
 
 def _planted(seed=0, rows=600, cols=40, k=4, noise=0.05):

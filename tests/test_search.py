@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from data_index.search import CropSearch, normalize_rows, recall_at_k
-from explainer.errors import ExplorerError
+from explorer_core.errors import ExplorerError
 
 
 def _brute(emb: np.ndarray, ids: np.ndarray, q: np.ndarray, m: int, allowed=None):

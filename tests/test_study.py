@@ -1,4 +1,4 @@
-"""Intruder study storage, trials and statistics (explainer.study), no model needed."""
+"""Intruder study storage, trials and statistics (study), no model needed."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import duckdb
 import numpy as np
 import pytest
 
-from explainer import study as S
-from explainer.errors import ExplorerError
+from explorer_core.errors import ExplorerError
+from study import intruder as S
 
 
 def _crops(n_classes: int = 3, n_concepts: int = 4, m: int = 8) -> dict[int, list[list[int]]]:
@@ -76,7 +76,7 @@ def test_answer_survives_killed_process(tmp_path):
     S.close_all()
     code = textwrap.dedent(f"""
         import os
-        from explainer import study as S
+        from study import intruder as S
         st = S.study_by_token({str(path)!r}, {token!r})
         t = S.trials_for(st, "p1")[0]
         S.record_answer(st, "p1", t, 0, 10)
@@ -148,7 +148,7 @@ def test_bad_inputs(tmp_path, study):
 
 
 def test_create_study_uses_explain_once_per_class(tmp_path):
-    from explainer.results import Concept, CropRef, Explanation
+    from explorer_core.results import Concept, CropRef, Explanation
 
     calls = []
 

@@ -220,7 +220,7 @@ def boxes_truth(items: Sequence[Any], input_size: int = world.DEFAULT_SIZE) -> C
 
 @dataclass
 class PatchMargin:
-    """Summary of a patch insertion result (``explainer.results.PatchTestResult``).
+    """Summary of a patch insertion result (``explorer_core.results.PatchTestResult``).
 
     ``delta_a``: mean change of P(A) with the patch; ``control_delta_a``: with the control fill;
     ``margin = delta_a - control_delta_a`` (what the patch's *content* adds beyond covering the

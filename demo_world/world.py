@@ -144,7 +144,9 @@ CLASSES: list[str] = list(_CLASS_DEFS)
 CLASS_PARTS: dict[str, list[str]] = {c: [p.name for p in parts] for c, parts in _CLASS_DEFS.items()}
 """Class name -> names of its defining part concepts (drawing order, biggest first)."""
 
-PART_PRESENCE: dict[str, float] = {p.name: p.presence for parts in _CLASS_DEFS.values() for p in parts}
+PART_PRESENCE: dict[str, float] = {
+    p.name: p.presence for parts in _CLASS_DEFS.values() for p in parts
+}
 """Part name -> probability that it is visible in an image of a class that has it (1.0 = always)."""
 
 PARTS: list[str] = sorted({p.name for parts in _CLASS_DEFS.values() for p in parts})
@@ -200,7 +202,9 @@ def _render_background(name: str, rng: np.random.Generator, size: int) -> np.nda
     fine = rng.normal(0.0, 1.0, (size, size)).astype(np.float32)
     if name == "bg_grass":
         # Vertical blades: column noise stretched vertically, plus patches of lighter/darker green.
-        blades = _upsample(rng.normal(0.0, 1.0, (max(size // 8, 2), size)).astype(np.float32), size, size)
+        blades = _upsample(
+            rng.normal(0.0, 1.0, (max(size // 8, 2), size)).astype(np.float32), size, size
+        )
         patches = _smooth_noise(rng, size, 4)
         g = 128 + 28 * blades + 18 * patches + 10 * fine
         base = np.stack([0.42 * g, g, 0.30 * g], axis=-1)
@@ -211,7 +215,9 @@ def _render_background(name: str, rng: np.random.Generator, size: int) -> np.nda
     elif name == "bg_sand":
         angle = rng.uniform(0, np.pi)
         freq = rng.uniform(0.12, 0.2)
-        ripple = np.sin(freq * (np.cos(angle) * xx + np.sin(angle) * yy) + rng.uniform(0, 2 * np.pi))
+        ripple = np.sin(
+            freq * (np.cos(angle) * xx + np.sin(angle) * yy) + rng.uniform(0, 2 * np.pi)
+        )
         speck = (rng.random((size, size)) < 0.06).astype(np.float32)
         v = 0.5 * (ripple + 1) * 18 + 14 * fine - 40 * speck + 8 * _smooth_noise(rng, size, 3)
         base = np.stack([208 + v, 178 + v, 122 + 0.7 * v], axis=-1)
@@ -233,7 +239,9 @@ def _render_background(name: str, rng: np.random.Generator, size: int) -> np.nda
     return base
 
 
-def _shape_mask(shape: str, xx: np.ndarray, yy: np.ndarray, cx: float, cy: float, r: float) -> np.ndarray:
+def _shape_mask(
+    shape: str, xx: np.ndarray, yy: np.ndarray, cx: float, cy: float, r: float
+) -> np.ndarray:
     """Boolean mask ``(H, W)`` of a shape centred at ``(cx, cy)`` with half-extent ``r``."""
     dx, dy = xx - cx, yy - cy
     if shape == "circle":
@@ -248,7 +256,9 @@ def _shape_mask(shape: str, xx: np.ndarray, yy: np.ndarray, cx: float, cy: float
     raise ValueError(f"unknown shape {shape!r}; known: {_SHAPES}")
 
 
-def _texture(texture: str, xx: np.ndarray, yy: np.ndarray, rng: np.random.Generator, scale: float) -> np.ndarray:
+def _texture(
+    texture: str, xx: np.ndarray, yy: np.ndarray, rng: np.random.Generator, scale: float
+) -> np.ndarray:
     """Boolean ``(H, W)``: True where a textured part shows its ink colour."""
     if texture == "solid":
         return np.zeros(xx.shape, dtype=bool)
@@ -349,7 +359,12 @@ def _split_code(split: str) -> int:
 
 
 def background_for_image(
-    class_idx: int, i: int, n_per_class: int, seed: int, split: str, shortcut_prob: float = SHORTCUT_PROB
+    class_idx: int,
+    i: int,
+    n_per_class: int,
+    seed: int,
+    split: str,
+    shortcut_prob: float = SHORTCUT_PROB,
 ) -> str:
     """Background of image ``i`` of a class in a split (where the shortcut is planted).
 
@@ -509,7 +524,9 @@ def generate_world(
     labels_path = out / "labels.csv"
     old_meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     if old_meta and (old_meta.get("seed") != seed or old_meta.get("size") != size):
-        raise ValueError(f"{out} already holds a world with seed={old_meta.get('seed')}, size={old_meta.get('size')}")
+        raise ValueError(
+            f"{out} already holds a world with seed={old_meta.get('seed')}, size={old_meta.get('size')}"
+        )
 
     rows: list[tuple[str, int, str]] = []
     if labels_path.exists():

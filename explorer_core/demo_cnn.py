@@ -22,14 +22,25 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from explainer.demo.world import CLASSES
+from .errors import ExplorerError as _BaseError
 
-try:  # the project's user-error type; fall back so this module stays importable on its own
-    from explainer.errors import ExplorerError as _BaseError
-except ImportError:  # pragma: no cover
-    _BaseError = RuntimeError  # type: ignore[misc,assignment]
+CLASSES: list[str] = [
+    "lupo",
+    "husko",
+    "ladyblob",
+    "zebrox",
+    "sunflop",
+    "plumtop",
+    "checkbox",
+    "tigrin",
+    "pinkus",
+    "mudbot",
+]
+"""The demo world's class names, logit index = position (``demo_world.world.CLASSES`` is built
+from the same list; a test keeps the two equal)."""
 
 __all__ = [
+    "CLASSES",
     "DEMO_INPUT_SIZE",
     "DEMO_LAYER",
     "DEMO_MEAN",
@@ -72,7 +83,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(c_out)
         self.downsample: nn.Module
         if stride != 1 or c_in != c_out:
-            self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+            self.downsample = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+            )
         else:
             self.downsample = nn.Identity()
         self.relu_out = nn.ReLU(inplace=False)
@@ -157,14 +170,15 @@ def load_demo(
     path = Path(weights_path) if weights_path is not None else WEIGHTS_PATH
     if not path.is_file():
         raise DemoWeightsMissing(
-            f"demo model weights not found at {path}; create them with `python -m explainer.demo.train` "
+            f"demo model weights not found at {path}; create them with `python -m demo_world.train` "
             "(about 8 minutes on 2 CPU cores)"
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt file, git-lfs pointer, ...
         raise DemoWeightsMissing(
-            f"could not read demo model weights {path} ({exc}); recreate them with `python -m explainer.demo.train`"
+            f"could not read demo model weights {path} ({exc}); recreate them with "
+            "`python -m demo_world.train`"
         ) from exc
     model = build_demo_model()
     model.load_state_dict(state, strict=True)

@@ -16,7 +16,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import types
-from typing import Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,7 +36,7 @@ def _register_relu6_with_captum() -> None:
         table[nn.ReLU6] = deep_lift.nonlinear  # rescale rule: delta_out / delta_in, elementwise
 
 
-def _basic_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _basic_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     identity = x
     out = self.relu_1(self.bn1(self.conv1(x)))
     out = self.bn2(self.conv2(out))
@@ -44,7 +45,7 @@ def _basic_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return self.relu_out(out + identity)
 
 
-def _bottleneck_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _bottleneck_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     identity = x
     out = self.relu_1(self.bn1(self.conv1(x)))
     out = self.relu_2(self.bn2(self.conv2(out)))

@@ -59,7 +59,7 @@ def load_pickle(root: Path, key: str) -> Any | None:
 def save_arrays(root: Path, key: str, params: dict[str, Any], **arrays: np.ndarray) -> Path:
     path = _path(root, key, ".npz")
     meta = np.frombuffer(json.dumps(params, default=str).encode(), dtype=np.uint8)
-    _atomic_write(path, lambda fh: np.savez(fh, _params=meta, **arrays))
+    _atomic_write(path, lambda fh: np.savez(fh, _params=meta, **arrays))  # type: ignore[arg-type]
     return path
 
 

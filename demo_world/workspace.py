@@ -11,9 +11,8 @@ import csv
 from pathlib import Path
 from typing import Callable
 
-from explainer.errors import ExplorerError
-
-from .workspace import Workspace, workspaces_home
+from data_index.workspace import Workspace, workspaces_home
+from explorer_core.errors import ExplorerError
 
 __all__ = ["DEMO_NAME", "DEMO_WORLD_SEED", "ensure_demo_world", "ensure_demo_workspace"]
 
@@ -29,7 +28,7 @@ def ensure_demo_world(world_dir: Path, n_per_class: int = DEMO_PER_CLASS) -> Pat
     Returns the image folder: ``world_dir/images/gallery`` with its own ``labels.csv``
     (``file,label,label_name``); ground-truth masks are under ``world_dir/masks/gallery``.
     """
-    from explainer.demo import world
+    from demo_world import world
 
     gallery = world_dir / "images" / DEMO_SPLIT
     done = gallery / "labels.csv"
@@ -55,9 +54,8 @@ def ensure_demo_world(world_dir: Path, n_per_class: int = DEMO_PER_CLASS) -> Pat
 def ensure_demo_workspace(home: Path | None = None, progress: Callable | None = None,
                           device: str = "auto") -> Workspace:
     """Open the ``demo`` workspace, creating it (world + catalog) on first use."""
-    from explainer.demo.model import DEMO_INPUT_SIZE, DEMO_LAYER
-
-    from .catalog import Catalog, build_catalog
+    from data_index.catalog import Catalog, build_catalog
+    from explorer_core.demo_cnn import DEMO_INPUT_SIZE, DEMO_LAYER
 
     root = (home or workspaces_home()) / DEMO_NAME
     gallery = ensure_demo_world(root / "world")

@@ -1,6 +1,6 @@
 """Train the demo world's CNN on CPU and record how good it is.
 
-Run ``python -m explainer.demo.train [--out DIR] [--seed 0]``. It generates the world in memory
+Run ``python -m demo_world.train [--out DIR] [--seed 0]``. It generates the world in memory
 (``train`` and ``heldout`` splits of the given seed), trains for a few minutes on 2 CPU threads and
 writes ``DIR/demo_cnn.pt`` (float32 state dict) and ``DIR/RECORD.json``.
 
@@ -24,15 +24,14 @@ import platform
 import shlex
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from explainer.demo import world
-from explainer.demo.model import DEMO_LAYER, DEMO_MEAN, DEMO_STD, WEIGHTS_PATH, build_demo_model
+from demo_world import world
+from explorer_core.demo_cnn import DEMO_LAYER, DEMO_MEAN, DEMO_STD, WEIGHTS_PATH, build_demo_model
 
 __all__ = [
     "CROP",
@@ -68,7 +67,9 @@ def _crops(images: np.ndarray, idx: np.ndarray, y0: np.ndarray, x0: np.ndarray) 
     return images[idx[:, None, None], ys, xs]
 
 
-def _crop_offsets(rng: np.random.Generator, n: int, size: int, aligned_share: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+def _crop_offsets(
+    rng: np.random.Generator, n: int, size: int, aligned_share: float = 0.5
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-left corners ``(y0, x0)``, each ``(n,)``: grid-aligned with prob ``aligned_share``, else free."""
     free_y = rng.integers(0, size - CROP + 1, n)
     free_x = rng.integers(0, size - CROP + 1, n)
@@ -78,7 +79,9 @@ def _crop_offsets(rng: np.random.Generator, n: int, size: int, aligned_share: fl
     return np.where(aligned, grid_y, free_y), np.where(aligned, grid_x, free_x)
 
 
-def crop_batch(images: np.ndarray, labels: np.ndarray, idx: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def crop_batch(
+    images: np.ndarray, labels: np.ndarray, idx: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Single crops, one per index: ``(B, 32, 32, 3)`` uint8 and labels ``(B,)``."""
     y0, x0 = _crop_offsets(rng, idx.size, images.shape[1])
     return _crops(images, idx, y0, x0), labels[idx]
@@ -96,7 +99,7 @@ def column_batch(
     """Columns of ``k`` crops from ``k`` images of one class each: ``(B, 32k, 32, 3)``, labels ``(B,)``."""
     cls = rng.integers(0, len(by_class), batch)
     cols = []
-    for j in range(k):
+    for _ in range(k):
         idx = np.array([by_class[c][rng.integers(len(by_class[c]))] for c in cls])
         y0, x0 = _crop_offsets(rng, batch, images.shape[1], aligned_share)
         cols.append(_crops(images, idx, y0, x0))
@@ -114,25 +117,41 @@ def _flip(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def predict(model: nn.Module, images: np.ndarray, batch: int = 256) -> np.ndarray:
     """Predicted class indices ``(B,)`` for uint8 images ``(B, H, W, 3)`` of any one size."""
     model.eval()
-    out = [model(to_tensor(images[i : i + batch])).argmax(1).numpy() for i in range(0, len(images), batch)]
+    out = [
+        model(to_tensor(images[i : i + batch])).argmax(1).numpy()
+        for i in range(0, len(images), batch)
+    ]
     return np.concatenate(out) if out else np.empty(0, dtype=np.int64)
 
 
 def _grid_crops(images: np.ndarray) -> np.ndarray:
     """All 9 grid crops: ``(N, H, W, 3)`` -> ``(N, 9, 32, 32, 3)`` (row-major over the grid)."""
     n = images.shape[0]
-    return images.reshape(n, 3, CROP, 3, CROP, 3).transpose(0, 1, 3, 2, 4, 5).reshape(n, 9, CROP, CROP, 3)
+    return (
+        images.reshape(n, 3, CROP, 3, CROP, 3)
+        .transpose(0, 1, 3, 2, 4, 5)
+        .reshape(n, 9, CROP, CROP, 3)
+    )
 
 
 def _grid_dominant(masks: np.ndarray) -> np.ndarray:
     """Dominant concept of each grid crop: masks ``(N, H, W)`` -> ``(N, 9)``."""
     n = masks.shape[0]
     return np.array(
-        [[world.dominant_concept(m, (c * CROP, r * CROP, (c + 1) * CROP, (r + 1) * CROP)) for r in range(3) for c in range(3)] for m in masks]
+        [
+            [
+                world.dominant_concept(m, (c * CROP, r * CROP, (c + 1) * CROP, (r + 1) * CROP))
+                for r in range(3)
+                for c in range(3)
+            ]
+            for m in masks
+        ]
     ).reshape(n, 9)
 
 
-def evaluate(model: nn.Module, seed: int = 0, n_per_class: int = N_HELDOUT_PER_CLASS, full_only: bool = False) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, seed: int = 0, n_per_class: int = N_HELDOUT_PER_CLASS, full_only: bool = False
+) -> dict[str, float]:
     """Held-out figures of a model on the seeded ``heldout`` split (and shortcut probes).
 
     Parameters
@@ -159,7 +178,9 @@ def evaluate(model: nn.Module, seed: int = 0, n_per_class: int = N_HELDOUT_PER_C
     """
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     held = world.generate_arrays(n_per_class, seed, "heldout")
-    res: dict[str, float] = {"heldout_acc_full": float(np.mean(predict(model, held.images) == held.labels))}
+    res: dict[str, float] = {
+        "heldout_acc_full": float(np.mean(predict(model, held.images) == held.labels))
+    }
     if full_only:
         return res
     rng = np.random.default_rng([seed, 4242])
@@ -197,8 +218,12 @@ def evaluate(model: nn.Module, seed: int = 0, n_per_class: int = N_HELDOUT_PER_C
     h = world.CLASSES.index(world.SHORTCUT_LOOKALIKE_CLASS)
     for cls_idx, cls_name in ((g, "grass_class"), (h, "lookalike_class")):
         for bg in ("bg_grass", "bg_snow"):
-            probe = world.generate_arrays(N_PROBE_PER_CLASS, seed, "probe", background=bg, classes=[cls_idx])
-            res[f"shortcut_{cls_name}_acc_on_{bg[3:]}"] = float(np.mean(predict(model, probe.images) == cls_idx))
+            probe = world.generate_arrays(
+                N_PROBE_PER_CLASS, seed, "probe", background=bg, classes=[cls_idx]
+            )
+            res[f"shortcut_{cls_name}_acc_on_{bg[3:]}"] = float(
+                np.mean(predict(model, probe.images) == cls_idx)
+            )
     return res
 
 
@@ -248,7 +273,9 @@ def train(
             full = _flip(images[idx], rng)
             cidx = rng.integers(0, len(labels), 2 * batch)
             crops, clab = crop_batch(images, labels, cidx, rng)
-            cols, col_lab = column_batch(images, labels, by_class, batch, int(rng.integers(2, 5)), rng)
+            cols, col_lab = column_batch(
+                images, labels, by_class, batch, int(rng.integers(2, 5)), rng
+            )
             loss = (
                 loss_fn(model(to_tensor(full)), torch.from_numpy(labels[idx]))
                 + loss_fn(model(to_tensor(_flip(crops, rng))), torch.from_numpy(clab))
@@ -262,7 +289,9 @@ def train(
             run += float(loss.detach())
         loss_val = run / steps_per_epoch
         if log:
-            print(f"epoch {ep + 1}/{epochs} loss {loss_val:.3f} ({time.time() - t0:.0f}s)", flush=True)
+            print(
+                f"epoch {ep + 1}/{epochs} loss {loss_val:.3f} ({time.time() - t0:.0f}s)", flush=True
+            )
     model.eval()
     return model, {
         "train_seconds": round(time.time() - t0, 1),
@@ -274,8 +303,15 @@ def train(
 
 def main(argv: list[str] | None = None) -> int:
     """Command line entry: train, evaluate, write weights and ``RECORD.json``."""
-    p = argparse.ArgumentParser(prog="python -m explainer.demo.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=WEIGHTS_PATH.parent, help="folder for demo_cnn.pt and RECORD.json")
+    p = argparse.ArgumentParser(
+        prog="python -m demo_world.train", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=WEIGHTS_PATH.parent,
+        help="folder for demo_cnn.pt and RECORD.json",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--n-per-class", type=int, default=N_TRAIN_PER_CLASS)
@@ -289,7 +325,10 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(figures, indent=2))
 
     args.out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to(torch.float32).contiguous().clone() if v.is_floating_point() else v.clone() for k, v in model.state_dict().items()}
+    state = {
+        k: v.detach().to(torch.float32).contiguous().clone() if v.is_floating_point() else v.clone()
+        for k, v in model.state_dict().items()
+    }
     weights = args.out / "demo_cnn.pt"
     torch.save(state, weights)
     record = {
@@ -298,18 +337,26 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         **info,
         "n_heldout_images": N_HELDOUT_PER_CLASS * len(world.CLASSES),
-        "heldout_split": {"seed": args.seed, "split": "heldout", "n_per_class": N_HELDOUT_PER_CLASS},
+        "heldout_split": {
+            "seed": args.seed,
+            "split": "heldout",
+            "n_per_class": N_HELDOUT_PER_CLASS,
+        },
         **{k: round(v, 4) for k, v in figures.items()},
         "eval_seconds": round(time.time() - t, 1),
         "layer": DEMO_LAYER,
         "classes": world.CLASSES,
-        "shortcut": {"grass_class": world.SHORTCUT_GRASS_CLASS, "lookalike_class": world.SHORTCUT_LOOKALIKE_CLASS},
+        "shortcut": {
+            "grass_class": world.SHORTCUT_GRASS_CLASS,
+            "lookalike_class": world.SHORTCUT_LOOKALIKE_CLASS,
+        },
         "device": "cpu",
         "machine": f"{platform.machine()}, {os.cpu_count()} cpus visible, {args.threads} torch threads used",
         "torch_version": torch.__version__,
         "numpy_version": np.__version__,
         "weights_bytes": weights.stat().st_size,
-        "command": "python -m explainer.demo.train " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m demo_world.train "
+        + shlex.join(argv if argv is not None else sys.argv[1:]),
     }
     (args.out / "RECORD.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {weights} and {args.out / 'RECORD.json'}")

@@ -33,6 +33,7 @@ process per file, so run the study from one server process.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import hashlib
@@ -47,11 +48,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
-import contextlib
-
 import numpy as np
 
-from .errors import ExplorerError
+from explorer_core.errors import ExplorerError
 
 __all__ = [
     "STUDY_FILE",
@@ -331,7 +330,7 @@ def _stat(label: str, k: int, n: int) -> AccuracyStat:
 
 
 def _now() -> _dt.datetime:
-    return _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None)
+    return _dt.datetime.now(_dt.UTC).replace(tzinfo=None)
 
 
 def _check_concept_crops(concept_crops: Mapping[int, Sequence[Sequence[int]]]) -> None:
@@ -398,7 +397,9 @@ def create_study(ws: Any, classes: Iterable[int], *, n_concepts: int = 4,
     if m < CROPS_PER_TRIAL - 1:
         raise ExplorerError(f"Need at least {CROPS_PER_TRIAL - 1} crops per concept (m >= 4)")
     if explain is None:
-        from .concepts import explain_class as explain
+        from explainer.concepts import explain_class
+
+        explain = explain_class
     concept_crops: dict[int, list[list[int]]] = {}
     for i, cls in enumerate(classes):
         if progress:

@@ -16,8 +16,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .errors import ExplorerError
-from .results import Explanation
+from explorer_core.errors import ExplorerError
+from explorer_core.results import Explanation
+
+from .common import open_workspace
 
 __all__ = ["main", "write_explanation"]
 
@@ -94,7 +96,7 @@ def write_explanation(expl: Explanation, out: Path, lm: Any, catalog: Any,
         d = out / f"concept_{con.index}"
         d.mkdir(exist_ok=True)
         pix = catalog.crop_pixels([c.crop_id for c in crops], lm)
-        for j, (ref, p) in enumerate(zip(crops, pix)):
+        for j, p in enumerate(pix):
             arr = (p.clamp(0, 1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
             _save_png(arr, d / f"crop_{j}.png")
         lines.append(f"## Concept {con.index} (share {con.importance:.2f})")
@@ -195,10 +197,10 @@ def _write_summary(res: Any, out: Path, title: str) -> None:
 def run(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 8)))
-    from .concepts import explain_class, get_context
+    from explainer.concepts import explain_class, get_context
 
     if args.cmd in ("explain", "contrast"):
-        ctx = get_context(args.workspace, args.device)
+        ctx = get_context(open_workspace(args.workspace), args.device)
         kw = dict(n_concepts=args.n, method=args.method, variant=args.variant,
                   max_images=args.max_images, seed=args.seed, m=args.m, solver=args.solver,
                   cache=not args.no_cache, clamp=args.clamp)
@@ -207,7 +209,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             if args.cmd == "explain":
                 expl = explain_class(ctx, args.class_a, progress=cb, **kw)
             else:
-                from .contrast import contrast_classes
+                from explainer.contrast import contrast_classes
 
                 expl = contrast_classes(ctx, args.a, args.b, progress=cb,
                                         classifier_solver=args.classifier_solver, **kw)
@@ -219,20 +221,21 @@ def run(argv: Sequence[str] | None = None) -> int:
               f"prediction test allowed p={pt.prob_target if pt else float('nan'):.3f}, "
               f"excluded p={pe.prob_target if pe else float('nan'):.3f}")
         return 0
-    from .evaluation import evaluate_prediction_test, evaluate_shift_test
+    from explainer.evaluation import evaluate_prediction_test, evaluate_shift_test
 
     bar, cb = _tick_progress(args.what)
     try:
         if args.what == "prediction-test":
             classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
-            res = evaluate_prediction_test(args.workspace, classes, min_images=args.min_images,
+            res = evaluate_prediction_test(open_workspace(args.workspace), classes,
+                                           min_images=args.min_images,
                                            every=args.every, limit=args.limit,
                                            n_concepts=args.n, method=args.method,
                                            max_images=args.max_images, seed=args.seed,
                                            device=args.device, progress=cb)
             csv_name, title = "per_class.csv", "Prediction test"
         else:
-            res = evaluate_shift_test(args.workspace, args.pairs, seed=args.seed,
+            res = evaluate_shift_test(open_workspace(args.workspace), args.pairs, seed=args.seed,
                                       min_images=args.min_images, method=args.method,
                                       max_images=args.max_images,
                                       classifier_solver=args.classifier_solver,

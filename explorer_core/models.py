@@ -288,7 +288,8 @@ class LoadedModel:
                         nonneg = nonneg and found[name][1]
                     else:
                         order.append(name)
-                    found[name] = (tuple(out.shape[1:]), nonneg)
+                    c, h, w = (int(v) for v in out.shape[1:])
+                    found[name] = ((c, h, w), nonneg)
             return hook
 
         for name, mod in self.model.named_modules():
@@ -478,7 +479,7 @@ def _load_arch(kind: str, arch: str, path: str) -> tuple[nn.Module, int]:
 
 
 def _recommended_resnet_layer(model: nn.Module) -> str:
-    last = len(model.layer4) - 1  # type: ignore[attr-defined]
+    last = len(model.layer4) - 1  # type: ignore[arg-type]
     return f"layer4.{last}"
 
 
@@ -491,10 +492,10 @@ def load_model(spec: str, device: str | torch.device = "auto") -> LoadedModel:
     dev = resolve_device(device)
     bilinear, bicubic = Image.Resampling.BILINEAR, Image.Resampling.BICUBIC
     if parsed.kind == "demo":
-        from .demo.model import DEMO_LAYER, load_demo
+        from .demo_cnn import DEMO_LAYER, load_demo
 
         model, names, size, mean, std = load_demo("cpu")
-        lm = LoadedModel(str(parsed), model, dev, size, size, tuple(mean), tuple(std),
+        lm = LoadedModel(str(parsed), model, dev, size, size, mean, std,
                          list(names), DEMO_LAYER, bilinear)
     elif parsed.kind == "lite":
         model, size, resize = _load_lite(parsed.arch)
@@ -522,8 +523,8 @@ def load_model(spec: str, device: str | torch.device = "auto") -> LoadedModel:
         lm = LoadedModel(str(parsed), model, dev, 224, 256, IMAGENET_MEAN, IMAGENET_STD,
                          _class_names_for(k, parsed.path), rec, bilinear)
     lm.model = lm.model.eval().to(dev)
-    for p in lm.model.parameters():
-        p.requires_grad_(False)
+    for param in lm.model.parameters():
+        param.requires_grad_(False)
     if lm.recommended_layer is None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

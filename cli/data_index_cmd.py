@@ -1,0 +1,191 @@
+"""Command line: ``python -m data_index {build,status,search,layers,export}``.
+
+User errors print ``error: <message>`` on stderr and exit with status 2 (no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from explorer_core.errors import ExplorerError
+
+from .common import open_workspace
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from data_index.workspace import Workspace, resolve_workspace
+    from explorer_core.models import load_model
+
+    root = resolve_workspace(args.workspace)
+    exists = (root / "workspace.toml").is_file() or args.workspace == "demo"
+    if exists and not (args.model or args.layer or args.images):
+        ws = open_workspace(args.workspace, quiet=args.quiet)
+    else:
+        missing = [f"--{n}" for n in ("model", "images") if not getattr(args, n)]
+        if missing:
+            raise ExplorerError(f"New workspace '{args.workspace}' needs {' and '.join(missing)} "
+                                "(and --layer unless the model's recommended layer will do)")
+        lm = load_model(args.model, args.device)
+        layer = args.layer or lm.recommended_layer
+        if not layer:
+            raise ExplorerError("Give --layer; see 'python -m data_index layers --model SPEC'")
+        lm.layer_info(layer)
+        ws = Workspace.create(root, model=lm.spec, layer=layer, images=args.images,
+                              input_size=lm.input_size, mode=args.mode or "crop",
+                              device=args.device)
+        return _run_build(ws, args, lm)
+    if args.mode and args.mode != ws.mode:
+        raise ExplorerError(f"Workspace '{ws.name}' uses mode {ws.mode}; create another "
+                            "workspace for another mode")
+    return _run_build(ws, args, None)
+
+
+def _run_build(ws, args: argparse.Namespace, lm) -> int:
+    from tqdm import tqdm
+
+    from data_index.catalog import build_catalog
+    from explorer_core.models import load_model
+
+    if lm is None:
+        lm = load_model(ws.model, args.device if args.device != "auto" else ws.device)
+    bar = tqdm(total=None, unit="img", desc=f"catalog {ws.name} ({ws.mode})",
+               disable=args.quiet, file=sys.stderr)
+
+    def progress(p) -> None:
+        if bar.total != p.total:
+            bar.total = p.total
+        bar.n = p.done
+        bar.set_postfix_str(p.phase)
+        bar.refresh()
+
+    try:
+        st = build_catalog(ws, batch_size=args.batch_size, progress=progress, limit=args.limit,
+                           model=lm, rebuild=args.rebuild)
+    finally:
+        bar.close()
+    if st.already_complete:
+        print(f"catalog of '{ws.name}' already complete: {st.n_images} images, "
+              f"{st.n_crops} crops, {st.n_skipped} skipped (use --rebuild to redo)")
+    else:
+        print(f"built catalog of '{ws.name}': {st.n_images} images, {st.n_crops} crops, "
+              f"{st.n_skipped} skipped, {st.chunks_resumed}/{st.n_chunks} chunks resumed, "
+              f"{st.seconds:.1f} s")
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from data_index.catalog import Catalog
+
+    with Catalog.open(open_workspace(args.workspace)) as cat:
+        st = cat.status()
+        counts = st.pop("predicted_counts")
+        if args.json:
+            st["predicted_counts"] = counts
+            st["skipped_files"] = cat.skipped()
+            print(json.dumps(st, indent=2))
+            return 0
+        for k, v in st.items():
+            print(f"{k:14s} {v}")
+        top = sorted(counts.items(), key=lambda kv: -kv[1])[:10]
+        print(f"{'classes':14s} {len(counts)} predicted; most frequent: "
+              + ", ".join(f"{c}:{n}" for c, n in top))
+        for path, reason in cat.skipped()[:20]:
+            print(f"skipped        {path}: {reason}")
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from data_index.catalog import Catalog
+    from data_index.search import CropSearch
+
+    with Catalog.open(open_workspace(args.workspace)) as cat:
+        ids, emb = cat.embeddings()
+        pos = int(np.searchsorted(ids, args.crop_id))
+        if pos >= len(ids) or ids[pos] != args.crop_id:
+            raise ExplorerError(f"No crop {args.crop_id} in the catalog; crop ids are "
+                                "image_id * 9 + row * 3 + col of indexed images")
+        search = CropSearch(cat, kind=args.kind)
+        res = search.search(np.asarray(emb[pos:pos + 1]), m=args.m,
+                            exclude_class=args.exclude_class)[0]
+        print(f"{'rank':>4} {'crop':>8} {'score':>7} {'crop_pred':>9} {'img_pred':>8}  path [box]")
+        for r, c in enumerate(res):
+            print(f"{r:>4} {c.crop_id:>8} {c.score:7.4f} {c.crop_pred:>9} {c.image_pred:>8}  "
+                  f"{c.path} {list(c.box)}")
+    return 0
+
+
+def _cmd_layers(args: argparse.Namespace) -> int:
+    from explorer_core.models import load_model
+
+    lm = load_model(args.model, args.device)
+    for info in lm.candidate_layers():
+        print(info.label())
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from data_index.catalog import Catalog
+
+    with Catalog.open(open_workspace(args.workspace)) as cat:
+        print(cat.export(args.table, args.out))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m data_index",
+                                description="Crop catalog: build, inspect and search.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="create a workspace and build (or resume) its catalog")
+    b.add_argument("--workspace", required=True, help="workspace name or folder")
+    b.add_argument("--model", help="model spec (e.g. efficientnet_lite0, resnet50:weights.pth)")
+    b.add_argument("--layer", help="hidden layer (default: the model's recommended one)")
+    b.add_argument("--images", help="image folder (recursive; labels.csv or class folders)")
+    b.add_argument("--mode", choices=["crop", "cell"], help="crop embedding mode (default crop)")
+    b.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    b.add_argument("--batch-size", type=int, default=32)
+    b.add_argument("--limit", type=int, default=None, help="index only the first N files")
+    b.add_argument("--rebuild", action="store_true", help="delete the catalog and build anew")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=_cmd_build)
+    s = sub.add_parser("status", help="counts, completeness, skipped files")
+    s.add_argument("--workspace", required=True)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_cmd_status)
+    q = sub.add_parser("search", help="nearest crops to a crop's embedding")
+    q.add_argument("--workspace", required=True)
+    q.add_argument("--crop-id", type=int, required=True)
+    q.add_argument("-m", type=int, default=8)
+    q.add_argument("--exclude-class", type=int, default=None)
+    q.add_argument("--kind", choices=["flat", "ivf"], default="flat")
+    q.set_defaults(func=_cmd_search)
+    ly = sub.add_parser("layers", help="candidate layers of a model with their shapes")
+    ly.add_argument("--model", required=True)
+    ly.add_argument("--device", default="cpu")
+    ly.set_defaults(func=_cmd_layers)
+    e = sub.add_parser("export", help="write a catalog table to .csv or .parquet")
+    e.add_argument("--workspace", required=True)
+    e.add_argument("--table", required=True, choices=["images", "crops", "skipped", "chunks",
+                                                      "meta"])
+    e.add_argument("--out", required=True)
+    e.set_defaults(func=_cmd_export)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ExplorerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; run the same build command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
