@@ -11,12 +11,12 @@ import sys
 
 from explorer_core.errors import ExplorerError
 
-from .common import open_workspace
+from .common import ProgressBar, open_workspace
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
     from data_index.workspace import Workspace, resolve_workspace
-    from explorer_core.models import load_model
+    from explorer_core.models import shared_model
 
     root = resolve_workspace(args.workspace)
     exists = (root / "workspace.toml").is_file() or args.workspace == "demo"
@@ -27,7 +27,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         if missing:
             raise ExplorerError(f"New workspace '{args.workspace}' needs {' and '.join(missing)} "
                                 "(and --layer unless the model's recommended layer will do)")
-        lm = load_model(args.model, args.device)
+        lm = shared_model(args.model, args.device)
         layer = args.layer or lm.recommended_layer
         if not layer:
             raise ExplorerError("Give --layer; see 'python -m data_index layers --model SPEC'")
@@ -43,28 +43,14 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _run_build(ws, args: argparse.Namespace, lm) -> int:
-    from tqdm import tqdm
-
     from data_index.catalog import build_catalog
-    from explorer_core.models import load_model
+    from explorer_core.models import shared_model
 
     if lm is None:
-        lm = load_model(ws.model, args.device if args.device != "auto" else ws.device)
-    bar = tqdm(total=None, unit="img", desc=f"catalog {ws.name} ({ws.mode})",
-               disable=args.quiet, file=sys.stderr)
-
-    def progress(p) -> None:
-        if bar.total != p.total:
-            bar.total = p.total
-        bar.n = p.done
-        bar.set_postfix_str(p.phase)
-        bar.refresh()
-
-    try:
-        st = build_catalog(ws, batch_size=args.batch_size, progress=progress, limit=args.limit,
+        lm = shared_model(ws.model, args.device if args.device != "auto" else ws.device)
+    with ProgressBar(f"catalog {ws.name} ({ws.mode})", args.quiet) as bar:
+        st = build_catalog(ws, batch_size=args.batch_size, progress=bar, limit=args.limit,
                            model=lm, rebuild=args.rebuild)
-    finally:
-        bar.close()
     if st.already_complete:
         print(f"catalog of '{ws.name}' already complete: {st.n_images} images, "
               f"{st.n_crops} crops, {st.n_skipped} skipped (use --rebuild to redo)")
@@ -119,9 +105,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 def _cmd_layers(args: argparse.Namespace) -> int:
-    from explorer_core.models import load_model
+    from explorer_core.models import shared_model
 
-    lm = load_model(args.model, args.device)
+    lm = shared_model(args.model, args.device)
     for info in lm.candidate_layers():
         print(info.label())
     return 0

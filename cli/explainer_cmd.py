@@ -19,36 +19,9 @@ import torch
 from explorer_core.errors import ExplorerError
 from explorer_core.results import Explanation
 
-from .common import open_workspace
+from .common import ProgressBar, open_workspace
 
 __all__ = ["main", "write_explanation"]
-
-
-def _bar(desc: str, total: int | None = None) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False,
-                disable=not sys.stderr.isatty() and total is None)
-
-
-def _stage_progress(desc: str) -> Any:
-    bar = _bar(desc, 100)
-
-    def cb(stage: str, frac: float) -> None:
-        bar.set_description(f"{desc}: {stage}")
-        bar.n = int(100 * frac)
-        bar.refresh()
-    return bar, cb
-
-
-def _tick_progress(desc: str) -> Any:
-    bar = _bar(desc, 1)
-
-    def cb(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-    return bar, cb
 
 
 def _save_png(arr: np.ndarray, path: Path) -> None:
@@ -204,8 +177,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         kw = dict(n_concepts=args.n, method=args.method, variant=args.variant,
                   max_images=args.max_images, seed=args.seed, m=args.m, solver=args.solver,
                   cache=not args.no_cache, clamp=args.clamp)
-        bar, cb = _stage_progress(args.cmd)
-        try:
+        with ProgressBar(args.cmd) as cb:
             if args.cmd == "explain":
                 expl = explain_class(ctx, args.class_a, progress=cb, **kw)
             else:
@@ -213,8 +185,6 @@ def run(argv: Sequence[str] | None = None) -> int:
 
                 expl = contrast_classes(ctx, args.a, args.b, progress=cb,
                                         classifier_solver=args.classifier_solver, **kw)
-        finally:
-            bar.close()
         write_explanation(expl, args.out, ctx.lm, ctx.catalog, args.exclude_target)
         pt, pe = expl.prediction_test, expl.prediction_test_excluded
         print(f"wrote {args.out}: {expl.n_concepts} concepts from {len(expl.image_ids)} images; "
@@ -223,8 +193,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         return 0
     from explainer.evaluation import evaluate_prediction_test, evaluate_shift_test
 
-    bar, cb = _tick_progress(args.what)
-    try:
+    with ProgressBar(args.what) as cb:
         if args.what == "prediction-test":
             classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
             res = evaluate_prediction_test(open_workspace(args.workspace), classes,
@@ -241,8 +210,6 @@ def run(argv: Sequence[str] | None = None) -> int:
                                       classifier_solver=args.classifier_solver,
                                       device=args.device, progress=cb)
             csv_name, title = "per_pair.csv", "Shift test"
-    finally:
-        bar.close()
     _write_csv(res.rows, args.out / csv_name)
     _write_summary(res, args.out, title)
     print(json.dumps(res.summary))

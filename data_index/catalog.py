@@ -48,13 +48,14 @@ import numpy as np
 import torch
 
 from explorer_core.errors import ExplorerError
+from explorer_core.progress import Meter, Progress, ProgressFn, report
 from explorer_core.results import CropRef
 
 from .crops import GRID, cell_pool, crop_boxes, cut_crops
 from .datasets import ImageEntry, ImageFolder, try_load_rgb
 from .workspace import Workspace
 
-__all__ = ["BuildProgress", "BuildStats", "Catalog", "build_catalog", "EXPORTABLE_TABLES"]
+__all__ = ["BuildStats", "Catalog", "build_catalog", "EXPORTABLE_TABLES"]
 
 SCHEMA_VERSION = "1"
 EXPORTABLE_TABLES = ("images", "crops", "skipped", "chunks", "meta")
@@ -73,17 +74,6 @@ CREATE TABLE IF NOT EXISTS chunks (chunk_id INTEGER PRIMARY KEY, n_images INTEGE
     done_at TIMESTAMP NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
 """
-
-
-@dataclass(frozen=True)
-class BuildProgress:
-    """Passed to the ``progress`` callback after each chunk (and at phase changes)."""
-
-    done: int  # images processed (including skipped files and resumed chunks)
-    total: int
-    images_per_s: float
-    eta_s: float
-    phase: str  # "index" | "assemble" | "done"
 
 
 @dataclass
@@ -203,7 +193,7 @@ class _Embedder:
 
 
 def build_catalog(ws: Workspace, *, batch_size: int = 32, device: str = "auto",
-                  progress: Callable[[BuildProgress], None] | None = None,
+                  progress: ProgressFn | None = None,
                   limit: int | None = None, model: Any = None, chunk_size: int = 256,
                   num_workers: int | None = None, rebuild: bool = False) -> BuildStats:
     """Build (or resume) the crop catalog of ``ws``; see the module docstring.
@@ -212,7 +202,8 @@ def build_catalog(ws: Workspace, *, batch_size: int = 32, device: str = "auto",
     ----------
     batch_size : images per forward (crop mode forwards ``9 * batch_size`` crops at once).
     device : ``auto`` | ``cpu`` | ``cuda``; ``auto`` uses the workspace's device setting.
-    progress : called with a :class:`BuildProgress` after every chunk.
+    progress : called with a :class:`~explorer_core.progress.Progress` after every forward batch
+        (stage ``index``, images done / total with rate and ETA), then ``assemble`` and ``done``.
     limit : index only the first ``limit`` files of the sorted listing.
     model : an already loaded :class:`~explorer_core.models.LoadedModel` (else ``ws.model`` is loaded).
     chunk_size : images per resumable chunk (bounded memory: about two chunks of pixels).
@@ -221,9 +212,9 @@ def build_catalog(ws: Workspace, *, batch_size: int = 32, device: str = "auto",
     """
     t_start = time.perf_counter()
     if model is None:
-        from explorer_core.models import load_model
+        from explorer_core.models import shared_model
 
-        model = load_model(ws.model, ws.device if device in (None, "", "auto") else device)
+        model = shared_model(ws.model, ws.device if device in (None, "", "auto") else device)
     lm = model
     if lm.input_size != ws.input_size:
         raise ExplorerError(f"Workspace input size {ws.input_size} does not match model "
@@ -261,8 +252,7 @@ def build_catalog(ws: Workspace, *, batch_size: int = 32, device: str = "auto",
                     f"'python -m data_index build --workspace {ws.root} --rebuild'")
             if meta.get("complete") == "true":
                 n_img, n_crop, n_sk, n_ch = _counts(con)
-                if progress:
-                    progress(BuildProgress(total, total, 0.0, 0.0, "done"))
+                report(progress, "done", total, total, "images")
                 return BuildStats(n_img, n_crop, n_sk, n_ch, n_ch, 0.0, 0.0, ws.mode,
                                   int(meta.get("dim", 0)), True, True)
         else:
@@ -285,8 +275,9 @@ def build_catalog(ws: Workspace, *, batch_size: int = 32, device: str = "auto",
         min_side = max(8, lm.crop_size // 2)
         workers = num_workers if num_workers is not None else min(4, os.cpu_count() or 1)
         pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="decode")
-        t_index = time.perf_counter()
         processed = 0
+        meter = Meter(progress, "index", total, "images", min_interval=1.0)
+        meter.start_at(done_images)
 
         def submit(k: int) -> list[Future]:
             return [pool.submit(_decode, e, lm, min_side)
@@ -297,22 +288,22 @@ def build_catalog(ws: Workspace, *, batch_size: int = 32, device: str = "auto",
             for i, k in enumerate(todo):
                 futures = pending
                 pending = submit(todo[i + 1]) if i + 1 < len(todo) else []  # overlap decoding
+                base = done_images
+
+                def on_images(n: int, base: int = base) -> None:
+                    meter.update(base + n)
+
                 _index_chunk(con, ws, k, entries[k * chunk_size:(k + 1) * chunk_size], futures,
-                             embedder, boxes, batch_size, k * chunk_size)
+                             embedder, boxes, batch_size, k * chunk_size, on_images)
                 processed += len(futures)
                 done_images += len(futures)
-                if progress:
-                    el = time.perf_counter() - t_index
-                    rate = processed / el if el > 0 else 0.0
-                    progress(BuildProgress(done_images, total, rate,
-                                           (total - done_images) / rate if rate else 0.0, "index"))
+                meter.update(done_images, force=True)
         finally:
             for f in pending if todo else []:
                 f.cancel()
             pool.shutdown(wait=True, cancel_futures=True)
 
-        if progress:
-            progress(BuildProgress(total, total, 0.0, 0.0, "assemble"))
+        report(progress, "assemble", total, total, "images")
         dim = _assemble(con, ws, n_chunks, info.shape[0])
         con.execute("BEGIN TRANSACTION")
         con.execute("DELETE FROM meta WHERE key IN ('complete', 'dim', 'built_at', 'seconds')")
@@ -328,24 +319,29 @@ def build_catalog(ws: Workspace, *, batch_size: int = 32, device: str = "auto",
         con.close()
     secs = time.perf_counter() - t_start
     if progress:
-        progress(BuildProgress(total, total, processed / max(secs, 1e-9), 0.0, "done"))
+        progress(Progress("done", total, total, "images", processed / max(secs, 1e-9), 0.0))
     return BuildStats(n_img, n_crop, n_sk, n_chunks, n_chunks - len(todo), secs,
                       processed / max(secs, 1e-9), ws.mode, dim)
 
 
 def _index_chunk(con: duckdb.DuckDBPyConnection, ws: Workspace, k: int,
                  entries: Sequence[ImageEntry], futures: list[Future], embedder: _Embedder,
-                 boxes: list, batch_size: int, first_id: int) -> None:
+                 boxes: list, batch_size: int, first_id: int,
+                 on_images: Callable[[int], None] | None = None) -> None:
+    """Decode, forward and commit one chunk; ``on_images(n)`` after each forward batch with the
+    number of the chunk's files handled so far (decoded or skipped)."""
     ids: list[int] = []
     kept: list[ImageEntry] = []
     skipped: list[tuple[str, str]] = []
     outs: list[dict[str, Any]] = []
     batch: list[torch.Tensor] = []
 
-    def flush() -> None:
+    def flush(handled: int) -> None:
         if batch:
             outs.append(embedder(torch.stack(batch)))
             batch.clear()
+        if on_images is not None:
+            on_images(handled)
 
     for j, (e, fut) in enumerate(zip(entries, futures)):
         px, reason = fut.result()
@@ -356,8 +352,8 @@ def _index_chunk(con: duckdb.DuckDBPyConnection, ws: Workspace, k: int,
         kept.append(e)
         batch.append(px)
         if len(batch) >= batch_size:
-            flush()
-    flush()
+            flush(j + 1)
+    flush(len(entries))
 
     c = GRID * GRID
     dim = outs[0]["emb"].shape[1] if outs else 0

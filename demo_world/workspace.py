@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Callable
 
 from data_index.workspace import Workspace, workspaces_home
 from explorer_core.errors import ExplorerError
+from explorer_core.progress import ProgressFn, report
 
 __all__ = ["DEMO_NAME", "DEMO_WORLD_SEED", "ensure_demo_world", "ensure_demo_workspace"]
 
@@ -51,13 +51,16 @@ def ensure_demo_world(world_dir: Path, n_per_class: int = DEMO_PER_CLASS) -> Pat
     return gallery
 
 
-def ensure_demo_workspace(home: Path | None = None, progress: Callable | None = None,
+def ensure_demo_workspace(home: Path | None = None, progress: ProgressFn | None = None,
                           device: str = "auto") -> Workspace:
     """Open the ``demo`` workspace, creating it (world + catalog) on first use."""
     from data_index.catalog import Catalog, build_catalog
     from explorer_core.demo_cnn import DEMO_INPUT_SIZE, DEMO_LAYER
 
     root = (home or workspaces_home()) / DEMO_NAME
+    if not (root / "world" / "images" / DEMO_SPLIT / "labels.csv").is_file():
+        report(progress, "generating the demo world", 0, 1,
+               message=f"{DEMO_PER_CLASS} images per class")
     gallery = ensure_demo_world(root / "world")
     ws = Workspace.create(root, model="demo", layer=DEMO_LAYER,
                           images=str(gallery.relative_to(root)), input_size=DEMO_INPUT_SIZE,

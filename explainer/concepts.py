@@ -13,7 +13,7 @@ import difflib
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ import torch
 from explorer_core import cache as _cache
 from explorer_core.errors import ExplorerError
 from explorer_core.models import LoadedModel
+from explorer_core.progress import Meter, ProgressFn, report
 from explorer_core.results import Concept, Explanation
 
 from .attribution import (
@@ -40,7 +41,6 @@ __all__ = ["ExplainContext", "explain_class", "resolve_class", "class_images",
            "MAX_CONCEPTS"]
 
 MAX_CONCEPTS = 10
-Progress = Callable[[str, float], None]  # (stage, fraction done 0..1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -62,13 +62,13 @@ class ExplainContext:
              ) -> ExplainContext:
         from data_index.catalog import Catalog
         from data_index.workspace import Workspace
-        from explorer_core.models import load_model
+        from explorer_core.models import shared_model
 
         if not isinstance(ws, Workspace):
             ws = Workspace.open(ws)
         catalog = Catalog.open(ws)
         if lm is None:
-            lm = load_model(ws.model, device)
+            lm = shared_model(ws.model, device)
         elif lm.spec != ws.model:
             raise ExplorerError(f"Model {lm.spec} does not match workspace model {ws.model}")
         return cls(ws, lm, catalog)
@@ -192,7 +192,7 @@ def _attr_params(ctx: ExplainContext, cls: int, method: str, max_images: int, se
 
 def attribute_classes(ctx: ExplainContext, classes: Sequence[int], *, method: str = "deeplift",
                       max_images: int = 500, seed: int = 0, batch_size: int = 32,
-                      cache: bool = True, progress: Progress | None = None
+                      cache: bool = True, progress: ProgressFn | None = None
                       ) -> dict[int, dict[str, np.ndarray]]:
     """Attributed activations of many classes in shared batches (each image attributed towards
     its own predicted class), cached per class. Returns ``{class: {"image_ids", "acts"
@@ -212,12 +212,13 @@ def attribute_classes(ctx: ExplainContext, classes: Sequence[int], *, method: st
         targets = [c for c, im in todo for _ in im]
         acts_all, s_p, s_r = [], [], []
         chunk = 256  # decode + attribute in chunks to bound memory
+        meter = Meter(progress, "attribution", len(ids), "images")
+        meter.update(0, force=True)
         for start in range(0, len(ids), chunk):
             pix = ctx.catalog.image_pixels(ids[start:start + chunk], ctx.lm)
 
             def prog(done: int, total: int, start: int = start) -> None:
-                if progress:
-                    progress("attribution", (start + done) / len(ids))
+                meter.update(start + done)
 
             acts, attr = attribute(ctx.lm, pix, ctx.layer, targets[start:start + chunk], method,
                                    batch_size=batch_size, progress=prog)
@@ -242,7 +243,7 @@ def attribute_classes(ctx: ExplainContext, classes: Sequence[int], *, method: st
 
 def class_attributions(ctx: ExplainContext, cls: int, *, method: str = "deeplift",
                        max_images: int = 500, seed: int = 0, cache: bool = True,
-                       progress: Progress | None = None) -> dict[str, np.ndarray]:
+                       progress: ProgressFn | None = None) -> dict[str, np.ndarray]:
     """One class's attributed activations (see :func:`attribute_classes`)."""
     return attribute_classes(ctx, [cls], method=method, max_images=max_images, seed=seed,
                              cache=cache, progress=progress)[int(cls)]
@@ -264,7 +265,7 @@ def explanation_from_activations(ctx: ExplainContext, X: torch.Tensor, image_ids
                                  *, class_a: int, class_b: int | None, n: int, m: int,
                                  solver: str, seed: int, params: dict[str, Any],
                                  warnings: list[str], timings: dict[str, float],
-                                 progress: Progress | None = None) -> Explanation:
+                                 progress: ProgressFn | None = None) -> Explanation:
     """Steps shared by explain and contrast: NMF of the pixel rows of ``X`` (N, C, h, w),
     concepts in share order, top-m crops (allowed / excluding A), heatmaps (N, n, h, w) and the
     stitched prediction test for A (allowed and excluded)."""
@@ -275,8 +276,7 @@ def explanation_from_activations(ctx: ExplainContext, X: torch.Tensor, image_ids
             f"Only {len(V)} pixel(s) of class {class_a} have a positive score, fewer than n={n} "
             "concepts; use fewer concepts, more images or another attribution method")
     t = time.perf_counter()
-    if progress:
-        progress("nmf", 0.0)
+    report(progress, "nmf", 0, 1, message=f"{len(V)} pixels x {C} channels, n={n}")
     dev = ctx.lm.device if solver == "torch" else None
     W, H, err = nmf(V, n, solver=solver, seed=seed, device=dev)
     order, shares = concept_order(W, H)
@@ -287,8 +287,7 @@ def explanation_from_activations(ctx: ExplainContext, X: torch.Tensor, image_ids
     heatmaps = full.reshape(N, h, w, n).transpose(0, 3, 1, 2).copy()
 
     t = time.perf_counter()
-    if progress:
-        progress("crops", 0.0)
+    report(progress, "crops", 0, 1, message="nearest crops of each concept")
     allowed = ctx.search.search(H, m=m)
     excluded = ctx.search.search(H, m=m, exclude_class=class_a)
     concepts = [Concept(index=k, vector=H[k].astype(np.float32), importance=float(shares[k]),
@@ -308,8 +307,7 @@ def explanation_from_activations(ctx: ExplainContext, X: torch.Tensor, image_ids
     by_flag = dict(zip(flags, tests))
     pt_allowed, pt_excluded = by_flag.get(False), by_flag.get(True)
     timings["prediction_test"] = time.perf_counter() - t
-    if progress:
-        progress("done", 1.0)
+    report(progress, "done", 1, 1)
     return Explanation(model=ctx.lm.spec, layer=ctx.layer, class_a=int(class_a),
                        class_b=None if class_b is None else int(class_b), params=params,
                        image_ids=[int(i) for i in image_ids], concepts=concepts,
@@ -321,7 +319,7 @@ def explanation_from_activations(ctx: ExplainContext, X: torch.Tensor, image_ids
 def explain_class(ws_or_ctx: Any, class_a: int | str, *, n_concepts: int = 4,
                   method: str = "deeplift", variant: str = "paper", max_images: int = 500,
                   seed: int = 0, m: int = 8, solver: str = "sklearn",
-                  device: str | torch.device = "auto", progress: Progress | None = None,
+                  device: str | torch.device = "auto", progress: ProgressFn | None = None,
                   cache: bool = True, clamp: bool = False) -> Explanation:
     """Explain class A with ``n_concepts`` concepts (method.md §1-3).
 

@@ -7,12 +7,13 @@ and ``w`` points towards A. (The authors' scripts negate ``w`` but not ``b``; no
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from explorer_core.errors import ExplorerError
+from explorer_core.progress import ProgressFn, report
 from explorer_core.results import ClassifierInfo, Explanation
 
 __all__ = ["CLASSIFIER_SOLVERS", "train_classifier", "contrast_scale", "class_contrast_pixels",
@@ -129,7 +130,7 @@ def contrast_classes(ws_or_ctx: Any, class_a: int | str, class_b: int | str, *,
                      max_images: int = 500, seed: int = 0, m: int = 8, solver: str = "sklearn",
                      classifier_solver: str = "sgd", epochs: int = 100, lr: float = 0.01,
                      compare_solvers: bool = True, device: str | torch.device = "auto",
-                     progress: Callable[[str, float], None] | None = None, cache: bool = True,
+                     progress: ProgressFn | None = None, cache: bool = True,
                      clamp: bool = False) -> Explanation:
     """Explain what separates class A from class B (method.md §4).
 
@@ -178,8 +179,7 @@ def contrast_classes(ws_or_ctx: Any, class_a: int | str, class_b: int | str, *,
     t = time.perf_counter()
     kw: dict[str, Any] = dict(method=method, variant=variant, max_images=max_images, seed=seed,
                               cache=cache, clamp=clamp, warnings=warnings)
-    if progress:
-        progress("attribution", 0.0)
+    report(progress, "attribution", 0, 2, "classes")
     xa = class_contrast_pixels(ctx, a, **kw)
     xb = class_contrast_pixels(ctx, b, **kw)
     timings["attribution"] = time.perf_counter() - t

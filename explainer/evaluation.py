@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from explorer_core.errors import ExplorerError
+from explorer_core.progress import Meter, ProgressFn
 
 from .concepts import (
     ExplainContext,
@@ -33,7 +34,6 @@ from .faithfulness import SHIFT_OFFSETS, prediction_tests, shift_test, stitch
 __all__ = ["EvaluationResult", "eligible_classes", "evaluate_prediction_test",
            "evaluate_shift_test"]
 
-Tick = Callable[[int, int], None]  # (done, total)
 
 
 @dataclass
@@ -82,7 +82,7 @@ def evaluate_prediction_test(ws_or_ctx: Any, classes: Sequence[int | str] | None
                              method: str = "grad_x_act", variant: str = "paper",
                              max_images: int = 500, seed: int = 0, solver: str = "sklearn",
                              device: str = "auto", cache: bool = True,
-                             progress: Tick | None = None) -> EvaluationResult:
+                             progress: ProgressFn | None = None) -> EvaluationResult:
     """Stitched prediction test over classes (all with ``>= min_images`` predicted images, every
     ``every``-th of them, a seeded ``limit`` of them, or the given ``classes``).
 
@@ -92,13 +92,12 @@ def evaluate_prediction_test(ws_or_ctx: Any, classes: Sequence[int | str] | None
     chosen = _select_classes(ctx, classes, min_images, every, limit, seed)
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    total = 2 * len(chosen)
     attribute_classes(ctx, chosen, method=method, max_images=max_images, seed=seed, cache=cache,
-                      progress=(lambda s, f: progress(int(f * len(chosen)), total))
-                      if progress else None)
+                      progress=progress)
     timings["attribution"] = time.perf_counter() - t
     t = time.perf_counter()
     rows, rnd_stitched, rnd_ids = [], [], []
+    meter = Meter(progress, "explain and test", len(chosen), "classes")
     for i, cls in enumerate(chosen):
         expl = explain_class(ctx, cls, n_concepts=n_concepts, method=method, variant=variant,
                              max_images=max_images, seed=seed, solver=solver, cache=cache)
@@ -112,8 +111,7 @@ def evaluate_prediction_test(ws_or_ctx: Any, classes: Sequence[int | str] | None
                      "hit_allowed": int(bool(pa and pa.passed)),
                      "prob_excluded": pe.prob_target if pe else float("nan"),
                      "hit_excluded": int(bool(pe and pe.passed))})
-        if progress:
-            progress(len(chosen) + i + 1, total)
+        meter.update(i + 1)
     rnd = prediction_tests(ctx.lm, rnd_stitched, chosen, rnd_ids, True)
     for row, r in zip(rows, rnd):
         row["prob_random"], row["hit_random"] = r.prob_target, int(r.passed)
@@ -152,7 +150,7 @@ def evaluate_shift_test(ws_or_ctx: Any, pairs: int | Sequence[tuple[int, int]] =
                         variant: str = "paper", max_images: int = 500,
                         classifier_solver: str = "sgd",
                         offsets: Sequence[float] = SHIFT_OFFSETS, device: str = "auto",
-                        cache: bool = True, progress: Tick | None = None) -> EvaluationResult:
+                        cache: bool = True, progress: ProgressFn | None = None) -> EvaluationResult:
     """Shift test over seeded random (A, B) pairs of classes with ``>= min_images`` predicted
     images (or the given pairs). Rows: ``class_a, class_b, n_images, accuracy, default_prob_a,
     max_prob_a, best_offset``; summary: mean default and max-shifted probability of A and the
@@ -165,10 +163,11 @@ def evaluate_shift_test(ws_or_ctx: Any, pairs: int | Sequence[tuple[int, int]] =
     involved = sorted({c for p in pair_list for c in p})
     t = time.perf_counter()
     attribute_classes(ctx, involved, method=method, max_images=max_images, seed=seed,
-                      cache=cache)
+                      cache=cache, progress=progress)
     timings = {"attribution": time.perf_counter() - t}
     t = time.perf_counter()
     rows, curves = [], []
+    meter = Meter(progress, "shift test", len(pair_list), "pairs")
     for i, (a, b) in enumerate(pair_list):
         clf = pair_classifier(ctx, a, b, method=method, variant=variant, max_images=max_images,
                               seed=seed, solver=classifier_solver, cache=cache)
@@ -180,8 +179,7 @@ def evaluate_shift_test(ws_or_ctx: Any, pairs: int | Sequence[tuple[int, int]] =
                      "name_b": ctx.lm.class_names[b], "n_images": res.n_images,
                      "accuracy": clf.accuracy, "default_prob_a": res.default_prob_a,
                      "max_prob_a": res.max_prob_a, "best_offset": res.best_offset})
-        if progress:
-            progress(i + 1, len(pair_list))
+        meter.update(i + 1)
     timings["shift"] = time.perf_counter() - t
     curve = np.mean(np.asarray(curves), axis=0)
     summary = {"n_pairs": len(rows),

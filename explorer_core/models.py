@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,8 @@ __all__ = [
     "load_model",
     "parse_spec",
     "resolve_device",
+    "shared_model",
+    "forget_shared_models",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -533,3 +536,31 @@ def load_model(spec: str, device: str | torch.device = "auto") -> LoadedModel:
             lm.recommended_layer = spatial[-1].name
             lm._layers = None
     return lm
+
+
+# --------------------------------------------------------------------------------------------
+# one loaded model per process and device
+
+_SHARED: dict[tuple[str, str], LoadedModel] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_model(spec: str, device: str | torch.device = "auto") -> LoadedModel:
+    """The process-wide :class:`LoadedModel` of ``spec`` on ``device``, loaded on first use.
+
+    The catalog build, explanations, tests of explanations, the app's pages and the command
+    lines all take their model from here, so a process holds one copy per (model, device)
+    whatever the number of workspaces, pages or sessions using it. Treat it as read-only:
+    temporary hooks must be removed on exit (:mod:`explorer_core.hooks`)."""
+    key = (str(parse_spec(spec)), str(resolve_device(device)))
+    with _SHARED_LOCK:
+        lm = _SHARED.get(key)
+        if lm is None:
+            lm = _SHARED[key] = load_model(spec, device)
+        return lm
+
+
+def forget_shared_models() -> None:
+    """Drop every shared model (tests; a changed weights file)."""
+    with _SHARED_LOCK:
+        _SHARED.clear()

@@ -291,11 +291,12 @@ class Progress:
 # cached resources (keyed on explicit arguments)
 
 
-@st.cache_resource(show_spinner="Loading the model…", max_entries=4)
 def load_model_cached(spec: str, device: str = "auto") -> Any:
-    from explorer_core.models import load_model
+    """The process-wide model (one per spec and device, shared with the method's own calls)."""
+    from explorer_core.models import shared_model
 
-    return load_model(spec, device)
+    with st.spinner("Loading the model…"):
+        return shared_model(spec, device)
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)

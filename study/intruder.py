@@ -51,6 +51,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from explorer_core.errors import ExplorerError
+from explorer_core.progress import ProgressFn, report
 
 __all__ = [
     "STUDY_FILE",
@@ -381,13 +382,13 @@ def create_study_from_crops(path: str | Path, workspace: str,
 def create_study(ws: Any, classes: Iterable[int], *, n_concepts: int = 4,
                  trials_per_participant: int = 50, seed: int = 0, m: int = 8,
                  method: str = "deeplift", max_images: int = 500, exclude_target: bool = False,
-                 progress: Callable[[float, str], None] | None = None,
+                 progress: ProgressFn | None = None,
                  explain: Callable[..., Any] | None = None) -> Study:
     """Create a study in ``ws``: explain each class once (``explain_class``) and store the top
     ``m`` crops of each concept, so trials never recompute.
 
     ``exclude_target`` picks the crops with target-class crops excluded (default: the plain top
-    crops, as the paper's visualisations). ``progress(fraction, text)`` is called per class.
+    crops, as the paper's visualisations). ``progress`` gets a :class:`Progress` per class.
     ``explain`` replaces :func:`explainer.concepts.explain_class` (tests)."""
     classes = list(dict.fromkeys(int(c) for c in classes))
     if not classes:
@@ -402,14 +403,13 @@ def create_study(ws: Any, classes: Iterable[int], *, n_concepts: int = 4,
         explain = explain_class
     concept_crops: dict[int, list[list[int]]] = {}
     for i, cls in enumerate(classes):
-        if progress:
-            progress(i / len(classes), f"explaining class {cls} ({i + 1}/{len(classes)})")
+        report(progress, "explaining classes", i, len(classes), "classes",
+               message=f"class {cls}")
         exp = explain(ws, cls, n_concepts=n_concepts, method=method, max_images=max_images,
                       seed=seed, m=m)
         concept_crops[cls] = [[c.crop_id for c in con.top_crops(exclude_target)]
                               for con in exp.concepts]
-    if progress:
-        progress(1.0, "storing the study")
+    report(progress, "storing the study", len(classes), len(classes), "classes")
     params = f"m={m};method={method};max_images={max_images};exclude_target={exclude_target}"
     return create_study_from_crops(study_path(ws), ws.name, concept_crops,
                                    n_concepts=n_concepts,

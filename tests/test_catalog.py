@@ -16,10 +16,11 @@ from conftest import NIPS17, requires_shared
 from PIL import Image
 
 import data_index.catalog as catalog_mod
-from data_index.catalog import BuildProgress, Catalog, build_catalog
+from data_index.catalog import Catalog, build_catalog
 from data_index.crops import cell_pool, cell_weights, crop_boxes, cut_crops, split_crop_id
 from data_index.workspace import Workspace
 from explorer_core.errors import ExplorerError
+from explorer_core.progress import Progress
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -164,8 +165,8 @@ def test_kill_and_resume_equals_clean_build(tmp_path, r18, photos40, monkeypatch
     class Boom(Exception):
         pass
 
-    def crash_after_two(p: BuildProgress):
-        if p.phase == "index" and p.done >= 16:
+    def crash_after_two(p: Progress):  # progress comes per batch: 24 = chunk 2's first batch
+        if p.stage == "index" and p.done > 16:
             raise Boom()
 
     with pytest.raises(Boom):  # killed right after chunk 1 committed
