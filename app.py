@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pages import _ui
+from pages.ui import access
 
 st.set_page_config(page_title="Concept explorer", page_icon=":material/extension:", layout="wide")
 
-if _ui.participant_session() is not None:
+if access.participant_session() is not None:
     st.markdown("<style>[data-testid='stSidebar'], [data-testid='stSidebarCollapsedControl'],"
                 "[data-testid='stExpandSidebarButton'] {display: none !important;}</style>",
                 unsafe_allow_html=True)
@@ -34,7 +34,7 @@ if _ui.participant_session() is not None:
                                   url_path="participant", default=True)], position="hidden")
     page.run()
 else:
-    unlocked = _ui.lead_unlocked()
+    unlocked = access.lead_unlocked()
     # the same pages either way, so a locked session keeps its URL (``/explain?...``) and lands
     # on the page it asked for once the key is given; a locked session runs none of them
     page = st.navigation([
@@ -48,4 +48,4 @@ else:
     if unlocked:
         page.run()
     else:
-        _ui.lead_key_form()
+        access.lead_key_form()

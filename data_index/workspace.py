@@ -18,7 +18,8 @@ from pathlib import Path
 
 from explorer_core.errors import ExplorerError
 
-__all__ = ["Workspace", "workspaces_home", "resolve_workspace", "list_workspaces"]
+__all__ = ["Workspace", "workspaces_home", "resolve_workspace", "list_workspaces",
+           "workspace_from_url"]
 
 TOML_NAME = "workspace.toml"
 MODES = ("crop", "cell")
@@ -87,6 +88,15 @@ class Workspace:
     @property
     def cache_dir(self) -> Path:
         return self.root / "cache"
+
+    def catalog_version(self) -> str:
+        """Changes whenever the catalog is (re)built: ``<mtime ns>-<size>`` of its DuckDB file
+        (``"none"`` without a catalog). Caches of anything derived from the catalog key on it."""
+        try:
+            st = os.stat(self.catalog_path)
+        except OSError:
+            return "none"
+        return f"{st.st_mtime_ns}-{st.st_size}"
 
     @property
     def images_path(self) -> Path:
@@ -159,3 +169,18 @@ def list_workspaces(home: Path | None = None) -> list[Workspace]:
             except ExplorerError:
                 continue
     return out
+
+
+def workspace_from_url(value: str) -> Workspace:
+    """The workspace a URL names: only a plain workspace name under :func:`workspaces_home`,
+    never a filesystem path (paths come from the command line or the Workspace page's form)."""
+    s = str(value or "")
+    if not _NAME_RE.match(s) or s in (".", ".."):
+        raise ExplorerError(f"A link can only name a workspace under the workspace home "
+                            f"({workspaces_home()}), not '{s[:80]}'; open other folders from the "
+                            "Workspace page")
+    home = workspaces_home()
+    root = (home / s).resolve()
+    if root.parent != home:
+        raise ExplorerError(f"Workspace '{s}' is not inside the workspace home ({home})")
+    return Workspace.open(root)

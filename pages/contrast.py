@@ -5,24 +5,24 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pages import _ui
+from pages.ui import access, errors, pictures, resources, state, views, widgets
 
-_ui.lead_page()
+access.lead_page()
 
 st.title("Contrast two classes")
-ws, cat, lm = _ui.context()
-counts = _ui.class_counts(ws)
+ws, cat, lm = resources.context()
+counts = resources.class_counts(ws)
 names = lm.class_names
 
 with st.sidebar:
     st.header("Settings")
-    a = _ui.class_picker("Class A (explained)", names, counts, key="co_a", url_key="a")
-    b = _ui.class_picker("Class B (contrasted against)", names, counts, key="co_b",
+    a = widgets.class_picker("Class A (explained)", names, counts, key="co_a", url_key="a")
+    b = widgets.class_picker("Class B (contrasted against)", names, counts, key="co_b",
                          url_key="b", exclude=a)
-    n, method, max_images, seed = _ui.method_settings("co", "Images per class (at most)")
+    n, method, max_images, seed = widgets.method_settings("co", "Images per class (at most)")
 
-key = ("contrast", str(ws.root), ws.model, ws.layer, int(a), int(b), int(n), method,
-       int(max_images), int(seed), 8)
+key = resources.result_key("contrast", ws, int(a), int(b), int(n), method, int(max_images),
+                           int(seed), 8)
 st.markdown(f"**{names[a]}** ({counts.get(a, 0)} images) against **{names[b]}** "
             f"({counts.get(b, 0)} images) · {n} concepts · `{method}` · layer `{ws.layer}`")
 
@@ -35,7 +35,7 @@ def _contrast(prog):
                             cache=True)
 
 
-explanation = _ui.run_or_load(
+explanation = views.run_or_load(
     key, "co", "Contrast", f"contrasting {names[a]} against {names[b]}", _contrast,
     "Press **Contrast** to train the A-vs-B classifier and compute the contrasted concepts "
     "(cached on disk).")
@@ -49,15 +49,15 @@ if clf is not None:
     c[2].metric("Solver", f"{clf.solver}")
     c[3].metric("Training time", f"{clf.seconds:.2f}s")
 
-_ui.init_widget("co_excl", _ui.bool_qp("excl"))
+state.init_widget("co_excl", state.bool_qp("excl"))
 excl = st.toggle("Exclude target-class crops", key="co_excl")
-_ui.set_qp(excl=int(excl))
+state.set_qp(excl=int(excl))
 pt = explanation.prediction_test_excluded if excl else explanation.prediction_test
 st.subheader("Prediction test of the contrasted explanation")
 if pt is not None:
-    _ui.prediction_mark(pt, lm)
+    views.prediction_mark(pt, lm)
 st.subheader("Contrasted concepts")
-_ui.concept_grid(ws, lm, explanation, excl, "co")
+views.concept_grid(ws, lm, explanation, excl, "co")
 
 # ---- shifting test ---------------------------------------------------------------------------
 st.subheader("Shifting test")
@@ -69,22 +69,22 @@ if clf is None:
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
-def _images_b(root: str, gen: int, b: int, limit: int) -> list[int]:
-    return _ui.open_catalog_root(root).images_predicted_as(int(b))[:limit]
+def _images_b(root: str, version: str, b: int, limit: int) -> list[int]:
+    return resources.catalog_for_key(root, version).images_predicted_as(int(b))[:limit]
 
 
-with _ui.guard("running the shifting test"):
+with errors.guard("running the shifting test"):
     from explainer.faithfulness import SHIFT_OFFSETS, shift_test
 
     n_shift = st.slider("Images of B used", 1, 256, 64, key="co_shift_n")
-    ids_b = _images_b(str(ws.root), _ui.catalog_generation(), int(b), int(n_shift))
+    ids_b = _images_b(*resources.catalog_key(ws), int(b), int(n_shift))
     skey = ("shift", key, tuple(ids_b))
-    shift = _ui.results_store().get(skey)
+    shift = resources.results_store().get(skey)
     if shift is None:
         with st.spinner(f"Shifting {len(ids_b)} images of {names[b]} over {len(SHIFT_OFFSETS)} "
                         "offsets…"):
             pix = cat.image_pixels(ids_b, lm)
-            shift = _ui.results_store().put(skey, shift_test(
+            shift = resources.results_store().put(skey, shift_test(
                 lm, ws.layer, pix, clf.weight, int(a), int(b), SHIFT_OFFSETS, image_ids=ids_b))
     import plotly.graph_objects as go
 
@@ -107,18 +107,18 @@ with _ui.guard("running the shifting test"):
                          value=shift.best_offset)
     sample = ids_b[:8]
     sp_key = ("shift_one", key, tuple(sample), float(t))
-    per_image = _ui.results_store().get(sp_key)
+    per_image = resources.results_store().get(sp_key)
     if per_image is None:
         from explainer.faithfulness import shifted_probabilities
 
-        per_image = _ui.results_store().put(sp_key, shifted_probabilities(
+        per_image = resources.results_store().put(sp_key, shifted_probabilities(
             lm, ws.layer, cat.image_pixels(sample, lm), clf.weight, float(t)))
     st.caption(f"The first {len(sample)} images of {names[b]} at offset t = {t:g}: P(A), P(B) "
                "and the class the model now predicts.")
     cols = st.columns(max(1, len(sample)))
     for col, image_id, p in zip(cols, sample, per_image):
         pa, pb, pred = float(p[a]), float(p[b]), int(p.argmax())
-        col.image(_ui.upscale(_ui.image_pic(ws, image_id), 128), width="stretch",
+        col.image(pictures.upscale(pictures.image_pic(ws, image_id), 128), width="stretch",
                   caption=f"image {image_id}")
         col.markdown(f"P(A) **{pa:.2f}**  \nP(B) {pb:.2f}  \n"
-                     f"predicted **{_ui.class_name(lm, pred)}**")
+                     f"predicted **{widgets.class_name(lm, pred)}**")

@@ -5,24 +5,24 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pages import _ui
+from pages.ui import access, errors, resources, state, views, widgets
 
-_ui.lead_page()
+access.lead_page()
 
 st.title("Explain a class")
-ws, cat, lm = _ui.context()
-counts = _ui.class_counts(ws)
+ws, cat, lm = resources.context()
+counts = resources.class_counts(ws)
 names = lm.class_names
 
 with st.sidebar:
     st.header("Settings")
-    cls = _ui.class_picker("Class A (type to search)", names, counts, key="ex_class",
+    cls = widgets.class_picker("Class A (type to search)", names, counts, key="ex_class",
                            url_key="a")
-    n, method, max_images, seed = _ui.method_settings(
+    n, method, max_images, seed = widgets.method_settings(
         "ex", "Images (at most)", "Images predicted as the class, chosen with the seed (paper: 500)")
 
-key = ("explain", str(ws.root), ws.model, ws.layer, int(cls), int(n), method, int(max_images),
-       int(seed), 8)
+key = resources.result_key("explain", ws, int(cls), int(n), method, int(max_images), int(seed),
+                           8)
 st.markdown(f"**{names[cls]}** · {counts.get(cls, 0)} images predicted as it · "
             f"{n} concepts · `{method}` · layer `{ws.layer}`")
 
@@ -35,19 +35,19 @@ def _explain(prog):
                          cache=True)
 
 
-explanation = _ui.run_or_load(
+explanation = views.run_or_load(
     key, "ex", "Explain", f"explaining {names[cls]}", _explain,
     "Press **Explain** to compute the concepts (results are cached on disk, so a repeated run "
     "loads instantly).")
-_ui.init_widget("ex_excl", _ui.bool_qp("excl"))
+state.init_widget("ex_excl", state.bool_qp("excl"))
 excl = st.toggle("Exclude target-class crops (crop or source image predicted as the class)",
                  key="ex_excl")
-_ui.set_qp(excl=int(excl))
+state.set_qp(excl=int(excl))
 
 pt = explanation.prediction_test_excluded if excl else explanation.prediction_test
 st.subheader("Prediction test")
 if pt is not None:
-    _ui.prediction_mark(pt, lm)
+    views.prediction_mark(pt, lm)
 else:
     st.info("No prediction test in this result.")
 
@@ -56,11 +56,11 @@ st.caption(f"{explanation.n_concepts} concepts from {len(explanation.image_ids)}
            f"the 8 nearest crops (cosine) per concept; NMF relative error "
            f"{explanation.reconstruction_error:.3f}"
            + (f"; {sum(explanation.timings.values()):.1f}s" if explanation.timings else ""))
-_ui.concept_grid(ws, lm, explanation, excl, "ex")
+views.concept_grid(ws, lm, explanation, excl, "ex")
 
 st.subheader("Concept heatmaps over source images")
 with st.expander("Show heatmaps (NMF concept strength per pixel; ours, not the paper's)"):
     k = st.slider("Source images", 1, max(1, min(24, len(explanation.image_ids))),
                   min(4, max(1, len(explanation.image_ids))), key="ex_hm_n")
-    with _ui.guard("drawing heatmaps"):
-        _ui.heatmaps(ws, lm, explanation, k)
+    with errors.guard("drawing heatmaps"):
+        views.heatmaps(ws, lm, explanation, k)

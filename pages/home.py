@@ -8,49 +8,48 @@ from pathlib import Path
 import streamlit as st
 
 from explorer_core.errors import ExplorerError
-from pages import _ui
+from pages.ui import access, errors, progress, resources, state, widgets
 
-_ui.lead_page()
+access.lead_page()
 
 st.title("Concept explorer")
 st.caption("Concept based explanations and class contrasting (Herdt & Otero Baguer): pick a "
            "workspace, then explain a class, contrast two classes, test hypotheses or run an "
            "intruder study.")
-_ui.restore_shared()
+state.restore_shared()
 
-names = _ui.workspace_names()
-current = _ui.qp("ws", _ui.DEFAULT_WORKSPACE) or _ui.DEFAULT_WORKSPACE
+names = resources.workspace_names()
+current = state.qp("ws", resources.DEFAULT_WORKSPACE) or resources.DEFAULT_WORKSPACE
 if current not in names:
     names.append(current)
-_ui.init_widget("home_ws", current)
+state.init_widget("home_ws", current)
 if st.session_state["home_ws"] not in names:
     st.session_state["home_ws"] = current
 col_ws, col_new = st.columns([2, 1])
 name = col_ws.selectbox("Workspace", names, key="home_ws",
                         help="Workspaces live under $CONCEPT_EXPLORER_HOME (default ./workspaces)")
-if name != _ui.qp("ws"):
+if name != state.qp("ws"):
     # another workspace: forget the classes of the previous one
-    _ui.set_qp(ws=name, a=None, b=None)
+    state.set_qp(ws=name, a=None, b=None)
 
 
 def _build(ws) -> None:
     from data_index.catalog import build_catalog
 
     st.session_state["building"] = str(ws.root)
-    prog = _ui.Progress(f"Building the catalog of '{ws.name}'")
+    prog = progress.ProgressBar(f"Building the catalog of '{ws.name}'")
     stats = build_catalog(ws, progress=prog)
     prog.done()
     st.session_state.pop("building", None)
-    _ui.bump_catalog_generation()
     st.success(f"Catalog complete: {stats.n_images} images, {stats.n_crops} crops, "
                f"{stats.n_skipped} skipped ({stats.seconds:.0f}s"
                f"{', resumed ' + str(stats.chunks_resumed) + ' chunks' if stats.chunks_resumed else ''}).")
 
 
 def _status(ws) -> None:
-    cat = _ui.open_catalog(ws)
+    cat = resources.open_catalog(ws)
     s = cat.status()
-    lm = _ui.load_model_cached(ws.model, ws.device)
+    lm = resources.model(ws.model, ws.device)
     c = st.columns(4)
     c[0].metric("Images", s["images"])
     c[1].metric("Crops", s["crops"])
@@ -63,7 +62,7 @@ def _status(ws) -> None:
     if counts:
         import plotly.express as px
 
-        rows = sorted(((_ui.class_name(lm, k), v) for k, v in counts.items()),
+        rows = sorted(((widgets.class_name(lm, k), v) for k, v in counts.items()),
                       key=lambda r: -r[1])
         fig = px.bar(x=[r[0] for r in rows[:60]], y=[r[1] for r in rows[:60]],
                      labels={"x": "predicted class", "y": "images"},
@@ -80,11 +79,11 @@ def _status(ws) -> None:
 def _show(name: str) -> None:
     from data_index.workspace import Workspace
 
-    if name == _ui.DEFAULT_WORKSPACE and not _ui.demo_ready():
-        _ui.ensure_demo()
+    if name == resources.DEFAULT_WORKSPACE and not resources.demo_ready():
+        resources.ensure_demo()
     ws = Workspace.open(name)
     try:
-        _ui.open_catalog(ws)
+        resources.open_catalog(ws)
         complete = True
     except ExplorerError as err:
         complete = False
@@ -100,7 +99,7 @@ def _show(name: str) -> None:
         _status(ws)
 
 
-with _ui.guard("opening the workspace"):
+with errors.guard("opening the workspace"):
     _show(name)
 
 
@@ -116,14 +115,15 @@ with st.expander("Create a workspace", expanded=False):
     layer = None
     lm = None
     if spec:
-        with _ui.guard("loading the model"):
-            lm = _ui.load_model_cached(spec.strip(), "auto")
+        with errors.guard("loading the model"):
+            lm = resources.model(spec.strip(), "auto")
             layers = [l for l in lm.candidate_layers()]
             labels = {l.name: l.label() for l in layers}
             rec = lm.recommended_layer if lm.recommended_layer in labels else layers[-1].name
             options = [l.name for l in layers]
             layer = st.selectbox("Layer (post-ReLU, spatial; deeper is better)", options,
-                                 index=options.index(rec), format_func=labels.get,
+                                 index=options.index(rec),
+                                 format_func=lambda n: labels.get(n, n),
                                  key="new_layer")
     images = st.text_input("Image folder", key="new_images", placeholder="/data/photos")
     c1, c2, c3 = st.columns(3)
@@ -133,7 +133,7 @@ with st.expander("Create a workspace", expanded=False):
     seed = c2.number_input("Seed", 0, 2**31 - 1, 0, key="new_seed")
     device = c3.selectbox("Device", ["auto", "cpu", "cuda"], key="new_device")
     if st.button("Create workspace and build its catalog", key="new_create", type="primary"):
-        with _ui.guard("creating the workspace"):
+        with errors.guard("creating the workspace"):
             from data_index.workspace import Workspace
 
             if not new_name:
@@ -148,7 +148,7 @@ with st.expander("Create a workspace", expanded=False):
                                   images=str(Path(images).expanduser().resolve()),
                                   input_size=lm.input_size, mode=mode, seed=int(seed),
                                   device=device)
-            _ui.set_qp(ws=ws.name, a=None, b=None)
+            state.set_qp(ws=ws.name, a=None, b=None)
             st.session_state["building"] = str(ws.root)
             st.session_state.pop("home_ws", None)
             st.rerun()

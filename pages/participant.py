@@ -1,6 +1,6 @@
 """Intruder study, the participant's side: only the trials. Reached by a signed link
 ``?study=<token>&participant=<id>&sig=<sig>``; ``app.py`` registers no other page in that case,
-and the session stays participant-only (see ``_ui.participant_session``).
+and the session stays participant-only (see ``access.participant_session``).
 
 A link whose ``sig`` is missing or is not the participant's (an edited ``participant=``) shows
 one refusal message and nothing else. The study link without a participant asks for a name: a
@@ -16,13 +16,13 @@ import streamlit as st
 
 import study as S
 from explorer_core.errors import ExplorerError
-from pages import _ui
+from pages.ui import access, pictures
 
-_ui.ensure_app_navigation()
+access.ensure_app_navigation()
 
 # from the link; remembered in the session (a participant-only session), so the trials stay
 # even when the query parameters are dropped
-_link = _ui.participant_session() or {}
+_link = access.participant_session() or {}
 token = _link.get("study", "")
 participant = _link.get("participant", "")
 sig = _link.get("sig", "")
@@ -50,7 +50,7 @@ def _start(study: S.Study, name: str) -> None:
     psig = S.participant_sig(study, pid)
     st.query_params["participant"] = pid
     st.query_params["sig"] = psig
-    st.session_state.setdefault(_ui.PARTICIPANT_KEY, {"study": token}).update(
+    st.session_state.setdefault(access.PARTICIPANT_KEY, {"study": token}).update(
         participant=pid, sig=psig)
     st.rerun()
 
@@ -90,7 +90,7 @@ def _page() -> None:
     cols = st.columns(len(trial.crop_ids))
     for pos, (col, cid) in enumerate(zip(cols, trial.crop_ids)):
         with col:
-            st.image(_ui.upscale(_ui.crop_pic(ws, cid), 160), width="stretch")
+            st.image(pictures.upscale(pictures.crop_pic(ws, cid), 160), width="stretch")
             if st.button(f"Odd one: {pos + 1}", key=f"pick_{idx}_{pos}",
                          width="stretch"):
                 t0 = shown.pop((study.study_id, pid, idx), None)

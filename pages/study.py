@@ -6,26 +6,26 @@ from __future__ import annotations
 import streamlit as st
 
 import study as S
-from pages import _ui
+from pages.ui import access, errors, progress, resources
 
-_ui.lead_page()
+access.lead_page()
 
 st.title("Intruder detection study")
 st.caption("A trial shows 5 crops: 4 from one concept of a class and 1 intruder from another "
            "concept of the same class; participants click the intruder. Chance is 20 %; the "
            "paper reports 77 % (4 concepts).")
-if _ui.lead_key():
-    st.caption(f":material/lock: The lead's pages are protected: `${_ui.LEAD_KEY_ENV}` is set on "
+if access.lead_key():
+    st.caption(f":material/lock: The lead's pages are protected: `${access.LEAD_KEY_ENV}` is set on "
                "this server. Participants open only their trials through their link; a browser "
                "without the key sees a password form on every other page.")
 else:
     st.warning(f"**No lead key is set.** Anyone with a participant link who edits the URL can "
                f"reach these pages, including every participant's answers. Before handing out "
-               f"links, restart the server with `{_ui.LEAD_KEY_ENV}=<a secret>`; you then enter "
+               f"links, restart the server with `{access.LEAD_KEY_ENV}=<a secret>`; you then enter "
                "the key once per browser session (or open a link with `?key=<secret>`).",
                icon=":material/lock_open:")
-ws, cat, lm = _ui.context()
-counts = _ui.class_counts(ws)
+ws, cat, lm = resources.context()
+counts = resources.class_counts(ws)
 names = lm.class_names
 path = S.study_path(ws)
 
@@ -40,8 +40,8 @@ with st.expander("New study", expanded=not path.is_file()):
     seed = c[2].number_input("Seed", 0, 2**31 - 1, 0, key="st_seed")
     max_images = c[3].number_input("Images per class", 1, 100000, 500, step=50, key="st_img")
     if st.button("Create the study", type="primary", key="st_create"):
-        with _ui.guard("creating the study"):
-            prog = _ui.Progress("Explaining the study's classes")
+        with errors.guard("creating the study"):
+            prog = progress.ProgressBar("Explaining the study's classes")
             new = S.create_study(ws, classes, n_concepts=int(n_concepts),
                                  trials_per_participant=int(trials), seed=int(seed),
                                  max_images=int(max_images), progress=prog)
@@ -49,7 +49,7 @@ with st.expander("New study", expanded=not path.is_file()):
             st.session_state["st_selected"] = new.study_id
             st.success(f"Study {new.study_id} created with {len(new.classes)} classes.")
 
-with _ui.guard("reading the studies"):
+with errors.guard("reading the studies"):
     studies = S.list_studies(path)
     if not studies:
         st.info("No study in this workspace yet: create one above.")

@@ -11,23 +11,23 @@ import numpy as np
 import streamlit as st
 
 from explorer_core.errors import ExplorerError
-from pages import _ui
+from pages.ui import access, errors, pictures, resources, views, widgets
 
-_ui.lead_page()
+access.lead_page()
 
 st.title("Test bench")
-ws, cat, lm = _ui.context()
-counts = _ui.class_counts(ws)
+ws, cat, lm = resources.context()
+counts = resources.class_counts(ws)
 names = lm.class_names
 
 
 def _concept_crop_choices() -> dict[int, str]:
     """Crop ids of the concepts computed in this server (explain/contrast pages), labelled."""
     out: dict[int, str] = {}
-    for key in _ui.results_store().keys():
-        if key[0] not in ("explain", "contrast") or key[1] != str(ws.root):
+    for key in resources.results_store().keys():
+        if key[0] not in ("explain", "contrast") or key[1:3] != resources.catalog_key(ws):
             continue
-        exp = _ui.results_store().get(key)
+        exp = resources.results_store().get(key)
         if exp is None or not hasattr(exp, "concepts"):
             continue
         tag = names[exp.class_a] + (f" vs {names[exp.class_b]}" if exp.class_b is not None
@@ -57,7 +57,7 @@ tab_stitch, tab_patch = st.tabs(["Stitched image", "Patch insertion"])
 with tab_stitch:
     st.caption("Crops concatenated along the height and fed without resizing; the prediction "
                "updates as you change the crops.")
-    target = _ui.class_picker("Target class", names, counts, key="tb_target", url_key="t")
+    target = widgets.class_picker("Target class", names, counts, key="tb_target", url_key="t")
     picked = st.multiselect("Crops from computed concepts", list(choices),
                             format_func=lambda c: choices.get(c, str(c)), key="tb_pick",
                             placeholder=(f"pick among {len(choices)} crops of computed concepts"
@@ -65,7 +65,7 @@ with tab_stitch:
                             help="Run Explain or Contrast first to fill this list")
     typed = st.text_input("…or crop ids typed (comma separated)", key="tb_typed",
                           placeholder="e.g. 12, 345, 678")
-    with _ui.guard("testing the stitched image"):
+    with errors.guard("testing the stitched image"):
         ids = list(picked) + _parse_ids(typed)
         if not ids:
             st.info("Pick or type at least one crop id.")
@@ -73,7 +73,7 @@ with tab_stitch:
             from explainer.faithfulness import prediction_test
 
             pt = prediction_test(lm, cat, ids, int(target), exclude_target=False)
-            _ui.prediction_mark(pt, lm, explanation=False)
+            views.prediction_mark(pt, lm, explanation=False)
             probs_row = {"predicted": names[pt.predicted], "P(predicted)": pt.prob_predicted,
                          f"P({names[target]})": pt.prob_target}
             st.dataframe([probs_row], hide_index=True)
@@ -83,14 +83,14 @@ with tab_patch:
     st.caption("Paste a patch into images predicted as B and compare the predictions of A and B "
                "before, after, and with a neutral control fill of the same area.")
     c1, c2 = st.columns(2)
-    a = _ui.class_picker("Class A (the patch should push towards)", names, counts,
+    a = widgets.class_picker("Class A (the patch should push towards)", names, counts,
                          key="tb_a", url_key="a", container=c1)
-    b = _ui.class_picker("Class B (images predicted as)", names, counts, key="tb_b",
+    b = widgets.class_picker("Class B (images predicted as)", names, counts, key="tb_b",
                          url_key="b", exclude=a, container=c2)
     source = st.radio("Patch from", ["concept crop", "region of a catalog image",
                                      "uploaded image"], horizontal=True, key="tb_source")
     patch = None
-    with _ui.guard("making the patch"):
+    with errors.guard("making the patch"):
         from explainer.faithfulness import (
             POSITIONS,
             patch_from_crop,
@@ -118,7 +118,7 @@ with tab_patch:
             y0 = cc[2].number_input("y0", 0, s - 1, 0, key="tb_y0")
             x1 = cc[3].number_input("x1", 1, s, s // 3, key="tb_x1")
             y1 = cc[4].number_input("y1", 1, s, s // 3, key="tb_y1")
-            st.image(_ui.with_box(_ui.image_pic(ws, int(image_id)), (x0, y0, x1, y1)),
+            st.image(pictures.with_box(pictures.image_pic(ws, int(image_id)), (x0, y0, x1, y1)),
                      width=220, caption=f"image {image_id}")
             patch = patch_from_region(lm, cat, int(image_id), (int(x0), int(y0), int(x1),
                                                                int(y1)))
@@ -131,7 +131,7 @@ with tab_patch:
                     fh.flush()
                     patch = patch_from_file(lm, fh.name)
     if patch is not None:
-        st.image(_ui.upscale(_ui.to_uint8(patch), 96), width=96,
+        st.image(pictures.upscale(pictures.to_uint8(patch), 96), width=96,
                  caption=f"patch {patch.shape[2]}x{patch.shape[1]}")
     p1, p2, p3 = st.columns(3)
     position = p1.selectbox("Position", POSITIONS, key="tb_pos")
@@ -144,7 +144,7 @@ with tab_patch:
     elif st.button("Insert the patch", type="primary", key="tb_run") or \
             st.session_state.get("tb_last") == (a, b, position, control, n_targets, source):
         st.session_state["tb_last"] = (a, b, position, control, n_targets, source)
-        with _ui.guard("inserting the patch"):
+        with errors.guard("inserting the patch"):
             from explainer.faithfulness import patch_insertion
 
             ids_b = cat.images_predicted_as(int(b))[:n_targets]

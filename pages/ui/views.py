@@ -1,0 +1,142 @@
+"""Renderers shared by the pages: the prediction test's verdict, a concept's crops with their
+provenance, heatmaps, and the run-or-load pattern of a long computation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import streamlit as st
+
+from explorer_core.errors import ExplorerError
+
+from .errors import guard
+from .pictures import crop_pic, heat_overlay, image_pic, upscale, with_box
+from .progress import ProgressBar
+from .resources import computed, results_store
+from .state import set_qp
+from .widgets import class_name
+
+# --------------------------------------------------------------------------------------------
+# shared renderers
+
+
+def prediction_mark(pt: Any, lm: Any, *, container: Any = None, explanation: bool = True) -> None:
+    """PASS/FAIL of a prediction test, with the stitched image and P(A). ``explanation=False``
+    for crops the user picked (test bench): no verdict on an explanation then."""
+    box = container or st
+    a = class_name(lm, pt.target)
+    pred = class_name(lm, pt.predicted)
+    what = "the stitched top crops" if explanation else "the stitched crops"
+    c1, c2 = box.columns([1, 4])
+    c1.image(upscale(pt.stitched, 64),
+             caption="stitched top-1 crops" if explanation else "stitched crops", width=72)
+    if pt.passed:
+        c2.success(f"PASS — {what} are classified as **{a}** "
+                   f"(P({a}) = {pt.prob_target:.3f}).", icon=":material/check_circle:")
+    else:
+        c2.error(f"FAIL — {what} are classified as **{pred}** "
+                 f"(P = {pt.prob_predicted:.3f}), P({a}) = {pt.prob_target:.3f}."
+                 + (" This explanation is not to be trusted." if explanation else ""),
+                 icon=":material/cancel:")
+    c2.caption(f"Prediction test (paper §4.3): crops {', '.join(map(str, pt.crop_ids))}"
+               + (f", target-class crops {'excluded' if pt.exclude_target else 'allowed'}."
+                  if explanation else "."))
+
+
+def provenance(ws: Any, lm: Any, ref: Any) -> None:
+    """Where a crop comes from: the source image with the crop box, both predictions."""
+    st.image(with_box(image_pic(ws, ref.image_id), ref.box),
+             caption=f"image {ref.image_id}, cell ({ref.row}, {ref.col}), box {tuple(ref.box)}",
+             width=220)
+    crop_pred = (f"{class_name(lm, ref.crop_pred)} ({ref.crop_conf:.2f})"
+                 if ref.crop_pred >= 0 else "n/a (cell mode)")
+    st.markdown(f"**crop {ref.crop_id}** · similarity {ref.score:.3f}  \n"
+                f"crop predicted: {crop_pred}  \n"
+                f"image predicted: {class_name(lm, ref.image_pred)} ({ref.image_conf:.2f})"
+                + (f"  \nlabel: {class_name(lm, ref.label)}" if ref.label is not None else ""))
+    st.caption(Path(ref.path).name)
+
+
+def concept_grid(ws: Any, lm: Any, explanation: Any, exclude_target: bool,
+                 key_prefix: str) -> None:
+    """Per concept: the m nearest crops in a grid, each with provenance in a popover."""
+    unreadable: list[str] = []
+    for con in explanation.concepts:
+        refs = con.top_crops(exclude_target)
+        st.markdown(f"#### Concept {con.index + 1} · importance {con.importance:.0%}")
+        cols = st.columns(max(1, len(refs)))
+        for col, ref in zip(cols, refs):
+            with col:
+                try:
+                    pic = upscale(crop_pic(ws, ref.crop_id), 96)
+                except ExplorerError as err:  # e.g. the image folder moved since the build
+                    unreadable.append(str(err))
+                    st.caption(f"#{ref.crop_id} unreadable")
+                    continue
+                st.image(pic, width=96, caption=f"#{ref.crop_id}")
+                with st.popover("where from"):
+                    with guard("showing where the crop comes from"):
+                        provenance(ws, lm, ref)
+        if not refs:
+            st.warning("No crops found for this concept (the crop bank may be empty after "
+                       "excluding the target class).")
+    if unreadable:
+        st.error(f"{len(unreadable)} crops could not be drawn: {unreadable[0]}. The workspace's "
+                 "images may have moved or been deleted since its catalog was built; put them "
+                 "back, or create the workspace again on the Workspace page.",
+                 icon=":material/broken_image:")
+
+
+def heatmaps(ws: Any, lm: Any, explanation: Any, n_images: int) -> None:
+    """Concept strength over the first ``n_images`` source images (NMF W, ours, not the paper's)."""
+    hm = np.asarray(explanation.heatmaps)
+    if hm.size == 0 or not explanation.image_ids:
+        st.info("This explanation has no heatmaps.")
+        return
+    vmax = [float(np.percentile(hm[:, k], 99.5)) or float(hm[:, k].max())
+            for k in range(hm.shape[1])]
+    k = explanation.n_concepts
+    head = st.columns(k + 1)
+    head[0].markdown("**image**")
+    for c in range(k):
+        head[c + 1].markdown(f"**concept {c + 1}**")
+    for i, image_id in enumerate(explanation.image_ids[:n_images]):
+        img = image_pic(ws, image_id)
+        cols = st.columns(k + 1)
+        cols[0].image(upscale(img, 128), width=128, caption=f"image {image_id}")
+        for c in range(k):
+            cols[c + 1].image(heat_overlay(img, hm[i, c], vmax[c]), width=128)
+
+
+def run_or_load(key: tuple, prefix: str, button: str, what: str, compute: Callable[[Any], Any],
+                hint: str) -> Any:
+    """The result stored under ``key``, or a run button that computes it with a progress bar.
+
+    A shared link with ``run=1`` computes on its first visit. Stops the page (with ``hint``)
+    while there is no result; ``compute(progress)`` is the explainer call."""
+    result = results_store().get(key)
+    run_slot = st.empty()
+    run = result is None and run_slot.button(button, type="primary", key=f"{prefix}_run")
+    first_visit = f"{prefix}_seen" not in st.session_state
+    st.session_state[f"{prefix}_seen"] = True
+    auto = first_visit and st.query_params.get("run") == "1"  # a shared link of a computed view
+    if result is None and (run or auto):
+        with guard(what):
+            prog = ProgressBar(what[:1].upper() + what[1:])
+            try:
+                result = computed(key, lambda: compute(prog))
+            finally:
+                prog.done()  # also after an error: no empty bar stays behind
+            run_slot.empty()
+    if result is None:
+        set_qp(run=None)
+        st.info(hint)
+        st.stop()
+    set_qp(run=1)
+    for w in getattr(result, "warnings", []):
+        st.warning(w)
+    return result
+

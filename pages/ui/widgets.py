@@ -1,0 +1,68 @@
+"""Widgets shared by the pages: class pickers and the method's settings, kept in the URL."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import streamlit as st
+
+from .state import init_widget, int_qp, qp, set_qp
+
+METHODS = ("deeplift", "grad_x_act", "deeplift_smoothgrad")
+
+def parse_class(value: str | None, names: Sequence[str]) -> int | None:
+    """A class from the URL: its name (preferred) or its index."""
+    if value is None or value == "":
+        return None
+    if value in names:
+        return list(names).index(value)
+    try:
+        i = int(value)
+    except ValueError:
+        return None
+    return i if 0 <= i < len(names) else None
+
+
+def class_picker(label: str, names: Sequence[str], counts: dict[int, int], *, key: str,
+                 url_key: str, default: int | None = None, container: Any = None,
+                 exclude: int | None = None) -> int:
+    """Select a class by name (type to search); options read 'name (N images)'; the most
+    populated classes come first. The choice is kept in the URL (by name)."""
+    opts = sorted(range(len(names)), key=lambda i: (-counts.get(i, 0), names[i]))
+    if exclude is not None and len(opts) > 1:
+        opts = [i for i in opts if i != exclude]
+    first = parse_class(qp(url_key), names)
+    if first is None or first not in opts:
+        first = default if default in opts else opts[0]
+    init_widget(key, first)
+    if st.session_state[key] not in opts:
+        st.session_state[key] = first
+    box = container or st
+    cls = box.selectbox(label, opts, key=key,
+                        format_func=lambda i: f"{names[i]} ({counts.get(i, 0)} images)")
+    set_qp(**{url_key: names[cls]})
+    return int(cls)
+
+
+def class_name(lm: Any, c: int) -> str:
+    return lm.class_names[c] if 0 <= c < len(lm.class_names) else f"class {c}"
+
+
+
+def method_settings(prefix: str, images_label: str, images_help: str | None = None
+                    ) -> tuple[int, str, int, int]:
+    """The shared sidebar settings of the explain and contrast pages, kept in the URL:
+    (n concepts, attribution method, image count, seed). Call inside ``st.sidebar``."""
+    init_widget(f"{prefix}_n", int_qp("n", 4, 1, 10))
+    n = st.slider("Concepts", 1, 10, key=f"{prefix}_n")
+    method_q = qp("method", "deeplift")
+    init_widget(f"{prefix}_method", method_q if method_q in METHODS else "deeplift")
+    method = st.selectbox("Attribution method", METHODS, key=f"{prefix}_method")
+    init_widget(f"{prefix}_images", int_qp("images", 500, 1, 100000))
+    max_images = st.number_input(images_label, 1, 100000, step=50, key=f"{prefix}_images",
+                                 help=images_help)
+    init_widget(f"{prefix}_seed", int_qp("seed", 0, 0))
+    seed = st.number_input("Seed", 0, 2**31 - 1, key=f"{prefix}_seed")
+    set_qp(n=n, method=method, images=int(max_images), seed=int(seed))
+    return int(n), method, int(max_images), int(seed)
