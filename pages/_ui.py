@@ -410,14 +410,15 @@ def open_catalog_root(root: Path) -> Any:
 
 def current_workspace(build_demo: bool = True) -> Any:
     """The workspace named in the URL (``ws``, default ``demo``), opened; the demo is created on
-    first use. Raises ExplorerError for an unknown name."""
-    from data_index.workspace import Workspace
+    first use. Raises ExplorerError for an unknown name and for anything that is not a plain
+    workspace name under the workspace home (a URL never names a folder path)."""
+    from data_index.workspace import workspace_from_url
 
     name = qp("ws", DEFAULT_WORKSPACE) or DEFAULT_WORKSPACE
     set_qp(ws=name)
     if name == DEFAULT_WORKSPACE and build_demo and not demo_ready():
         return ensure_demo()
-    return Workspace.open(name)
+    return workspace_from_url(name)
 
 
 def require_catalog(ws: Any) -> Any:

@@ -78,11 +78,11 @@ def _status(ws) -> None:
 
 
 def _show(name: str) -> None:
-    from data_index.workspace import Workspace
+    from data_index.workspace import workspace_from_url
 
     if name == _ui.DEFAULT_WORKSPACE and not _ui.demo_ready():
         _ui.ensure_demo()
-    ws = Workspace.open(name)
+    ws = workspace_from_url(name)  # a name from the URL: never a folder path
     try:
         _ui.open_catalog(ws)
         complete = True
