@@ -13,75 +13,16 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
+from explainer.report import write_explanation
 from explorer_core.errors import ExplorerError
-from explorer_core.results import Explanation
 
 from .common import ProgressBar, open_workspace
 
 __all__ = ["main", "write_explanation"]
 
 
-def _save_png(arr: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
-    Image.fromarray(arr).save(path)
-
-
-def write_explanation(expl: Explanation, out: Path, lm: Any, catalog: Any,
-                      exclude_target: bool = False) -> list[Path]:
-    """Write ``explanation.json``, concept crop PNGs, the stitched images and ``summary.md``."""
-    out.mkdir(parents=True, exist_ok=True)
-    written = [out / "explanation.json"]
-    (out / "explanation.json").write_text(json.dumps(expl.to_json(), indent=1))
-    names = lm.class_names
-    title = names[expl.class_a] + (f" vs {names[expl.class_b]}" if expl.class_b is not None
-                                   else "")
-    lines = [f"# {title}", "",
-             f"Model `{expl.model}`, layer `{expl.layer}`, {len(expl.image_ids)} images, "
-             f"n = {expl.n_concepts}, method `{expl.params.get('method')}`, "
-             f"variant `{expl.params.get('variant')}`, seed {expl.params.get('seed')}; "
-             f"NMF relative error {expl.reconstruction_error:.3f}.", ""]
-    if expl.classifier is not None:
-        c = expl.classifier
-        lines += [f"Classifier ({c.solver}, label 1 = {names[c.class_a]}): training accuracy "
-                  f"{c.accuracy:.3f} on {c.n_pixels_a} + {c.n_pixels_b} pixels.", ""]
-        comp = expl.params.get("classifier_comparison")
-        if comp:
-            lines += ["| solver | accuracy | loss | seconds |", "|---|---|---|---|"]
-            lines += [f"| {k} | {v['accuracy']:.3f} | {v['loss']:.4f} | {v['seconds']:.3f} |"
-                      for k, v in comp.items()]
-            lines.append("")
-    for pt, tag in ((expl.prediction_test, "allowed"), (expl.prediction_test_excluded,
-                                                         "excluded")):
-        if pt is None:
-            continue
-        _save_png(pt.stitched, out / f"stitched_{tag}.png")
-        written.append(out / f"stitched_{tag}.png")
-        verdict = "PASSED" if pt.passed else "FAILED (do not trust this explanation)"
-        lines.append(f"- Prediction test, target-class crops {tag}: p({names[pt.target]}) = "
-                     f"{pt.prob_target:.3f}, predicted {names[pt.predicted]} -> {verdict}")
-    lines.append("")
-    for con in expl.concepts:
-        crops = con.top_crops(exclude_target)
-        d = out / f"concept_{con.index}"
-        d.mkdir(exist_ok=True)
-        pix = catalog.crop_pixels([c.crop_id for c in crops], lm)
-        for j, p in enumerate(pix):
-            arr = (p.clamp(0, 1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
-            _save_png(arr, d / f"crop_{j}.png")
-        lines.append(f"## Concept {con.index} (share {con.importance:.2f})")
-        lines += [f"- crop {c.crop_id}: {Path(c.path).name} box {c.box}, cosine {c.score:.3f}, "
-                  f"crop predicted {names[c.crop_pred] if c.crop_pred >= 0 else '?'}"
-                  for c in crops]
-        lines.append("")
-    for w in expl.warnings:
-        lines.append(f"> warning: {w}")
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
-    written.append(out / "summary.md")
-    return written
 
 
 def _common(p: argparse.ArgumentParser) -> None:

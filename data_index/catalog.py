@@ -38,6 +38,7 @@ import hashlib
 import os
 import threading
 import time
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -306,10 +307,13 @@ def build_catalog(ws: Workspace, *, batch_size: int = 32, device: str = "auto",
         report(progress, "assemble", total, total, "images")
         dim = _assemble(con, ws, n_chunks, info.shape[0])
         con.execute("BEGIN TRANSACTION")
-        con.execute("DELETE FROM meta WHERE key IN ('complete', 'dim', 'built_at', 'seconds')")
+        con.execute("DELETE FROM meta WHERE key IN ('complete', 'dim', 'built_at', 'seconds', "
+                    "'build_id')")
         secs = time.perf_counter() - t_start
+        # build_id: new on every completed build, part of the result cache's keys
         for key, val in {"complete": "true", "dim": str(dim), "seconds": f"{secs:.1f}",
-                         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S")}.items():
+                         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                         "build_id": uuid.uuid4().hex}.items():
             con.execute("INSERT INTO meta VALUES (?, ?)", [key, val])
         con.execute("COMMIT")
         for k in range(n_chunks):

@@ -4,7 +4,9 @@ A workspace records everything needed to reopen it by name: the model spec, the 
 the model input size, the image folder, the crop-embedding mode and the seed.
 
 Workspaces live under :func:`workspaces_home` (``$CONCEPT_EXPLORER_HOME`` or ``./workspaces``)
-and are opened by name, or anywhere else by path.
+and are opened by name, or anywhere else by path. A path is accepted only from the command line
+and the app's workspace form; a URL names a workspace under the home by its plain name
+(:func:`workspace_from_url`), so a link can never point the app at an arbitrary folder.
 """
 
 from __future__ import annotations
@@ -42,6 +44,31 @@ def resolve_workspace(name_or_path: str | os.PathLike) -> Path:
     if not _NAME_RE.match(s):
         raise ExplorerError(f"Bad workspace name '{s}': use letters, digits, '_', '-', '.'")
     return workspaces_home() / s
+
+
+def workspace_from_url(value: object) -> Workspace:
+    """Open the workspace a URL names (the app's ``?ws=``): only a plain workspace name under
+    :func:`workspaces_home`, never a path.
+
+    Refused with one :class:`ExplorerError`: anything that is not a name of letters, digits,
+    ``_``, ``-``, ``.`` (1-64 characters, starting with a letter or digit), so no path
+    separator, no ``..``, no absolute path, no NUL; and a name whose folder resolves outside the
+    home (a symbolic link leading elsewhere). A missing workspace raises the usual "No
+    workspace" error of :meth:`Workspace.open`."""
+    s = value if isinstance(value, str) else ""
+    home = workspaces_home()
+    shown = repr(s[:80] + ("..." if len(s) > 80 else ""))
+    how = (f"a link may only name a workspace in the workspace home ({home}) by its name; open "
+           "a workspace in another folder from the Workspace page or the command line")
+    if (not _NAME_RE.match(s) or ".." in s or "\x00" in s or "/" in s or "\\" in s
+            or os.sep in s):
+        raise ExplorerError(f"Refused workspace {shown} from the link: {how}")
+    root = home / s
+    resolved = root.resolve()
+    if resolved == home or not resolved.is_relative_to(home):
+        raise ExplorerError(f"Refused workspace {shown} from the link: its folder leads outside "
+                            f"the workspace home; {how}")
+    return Workspace.open(root)
 
 
 def _toml_value(v: object) -> str:
@@ -170,17 +197,3 @@ def list_workspaces(home: Path | None = None) -> list[Workspace]:
                 continue
     return out
 
-
-def workspace_from_url(value: str) -> Workspace:
-    """The workspace a URL names: only a plain workspace name under :func:`workspaces_home`,
-    never a filesystem path (paths come from the command line or the Workspace page's form)."""
-    s = str(value or "")
-    if not _NAME_RE.match(s) or s in (".", ".."):
-        raise ExplorerError(f"A link can only name a workspace under the workspace home "
-                            f"({workspaces_home()}), not '{s[:80]}'; open other folders from the "
-                            "Workspace page")
-    home = workspaces_home()
-    root = (home / s).resolve()
-    if root.parent != home:
-        raise ExplorerError(f"Workspace '{s}' is not inside the workspace home ({home})")
-    return Workspace.open(root)

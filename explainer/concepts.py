@@ -4,7 +4,9 @@ NMF -> concept vectors, crops, heatmaps and the stitched prediction test.
 Entry point: :func:`explain_class`. :class:`ExplainContext` bundles a workspace with its model,
 catalog and crop search (opened once and reused). Per-class attributed activations are cached
 on disk separately from explanations (their key has no ``n``), so a new ``n`` or variant reuses
-them; :func:`attribute_classes` fills that cache for many classes in shared batches.
+them; :func:`attribute_classes` fills that cache for many classes in shared batches. Both go
+through :mod:`explorer_core.cache` (one key rule: kind + parameters + the catalog's identity +
+schema and code version; data files only, never pickle).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import difflib
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -20,9 +23,10 @@ import torch
 
 from explorer_core import cache as _cache
 from explorer_core.errors import ExplorerError
+from explorer_core.files import read_npz
 from explorer_core.models import LoadedModel
 from explorer_core.progress import Meter, ProgressFn, report
-from explorer_core.results import Concept, Explanation
+from explorer_core.results import Concept, Explanation, read_explanation, save_explanation
 
 from .attribution import (
     attribute,
@@ -87,10 +91,15 @@ class ExplainContext:
 
     @property
     def identity(self) -> str:
-        """What identifies the catalog's content (changes when it is rebuilt)."""
+        """What identifies the catalog's content: its image-list fingerprint, embedding mode and
+        the id of the build that completed it (new on every build, so a rebuilt catalog never
+        shares cache keys with the old one). Catalogs built before build ids existed fall back
+        to the completion time and the catalog file's modification time."""
         meta = getattr(self.catalog, "meta", {}) or {}
-        return "|".join(str(meta.get(k, "")) for k in ("fingerprint", "built_at", "mode")) or \
-            str(self.ws.root)
+        build = meta.get("build_id")
+        if not build:
+            build = f"{meta.get('built_at', '')}@{_catalog_stamp(self.ws)}"
+        return "|".join((str(meta.get("fingerprint", "")), str(meta.get("mode", "")), build))
 
     def base_params(self) -> dict[str, Any]:
         return {"model": self.lm.spec, "layer": self.layer, "catalog": self.identity}
@@ -201,8 +210,9 @@ def attribute_classes(ctx: ExplainContext, classes: Sequence[int], *, method: st
     out: dict[int, dict[str, np.ndarray]] = {}
     todo: list[tuple[int, list[int]]] = []
     for cls in classes:
-        key = _cache.cache_key("attr", _attr_params(ctx, cls, method, max_images, seed))
-        got = _cache.load_arrays(ctx.ws.cache_dir, key) if cache else None
+        got = (_cache.fetch(ctx.ws.cache_dir, "attr",
+                            _attr_params(ctx, cls, method, max_images, seed), _read_attr)
+               if cache else None)
         if got is not None:
             out[int(cls)] = got
         else:
@@ -234,11 +244,27 @@ def attribute_classes(ctx: ExplainContext, classes: Sequence[int], *, method: st
             entry = {"image_ids": np.asarray(im, np.int64), "acts": acts_np[sl].copy(),
                      "s_paper": sp[sl].copy(), "s_reference": sr[sl].copy()}
             if cache:
-                params = _attr_params(ctx, cls, method, max_images, seed)
-                _cache.save_arrays(ctx.ws.cache_dir, _cache.cache_key("attr", params), params,
-                                   **entry)
+                _cache.store_arrays(ctx.ws.cache_dir, "attr",
+                                    _attr_params(ctx, cls, method, max_images, seed), entry)
             out[cls] = entry
     return out
+
+
+def _read_attr(folder: Path) -> dict[str, np.ndarray]:
+    """A cached attribution entry, checked: ``image_ids`` (N,) int, ``acts`` (N, C, h, w)
+    float32, ``s_paper`` / ``s_reference`` (N, h, w) float32 (anything else raises: a miss)."""
+    got = read_npz(folder / _cache.ARRAYS_FILE)
+    ids, acts = got["image_ids"], got["acts"]
+    N = len(ids)
+    if ids.ndim != 1 or ids.dtype.kind != "i" or acts.ndim != 4 or len(acts) != N or N == 0:
+        raise ValueError("attribution entry of the wrong shape")
+    for k in ("acts", "s_paper", "s_reference"):
+        if got[k].dtype != np.float32:
+            raise ValueError(f"{k} is {got[k].dtype}")
+    for k in ("s_paper", "s_reference"):
+        if got[k].shape != (N, *acts.shape[2:]):
+            raise ValueError(f"{k} has shape {got[k].shape}")
+    return {k: got[k] for k in ("image_ids", "acts", "s_paper", "s_reference")}
 
 
 def class_attributions(ctx: ExplainContext, cls: int, *, method: str = "deeplift",
@@ -348,9 +374,8 @@ def explain_class(ws_or_ctx: Any, class_a: int | str, *, n_concepts: int = 4,
     params = {**ctx.base_params(), "class_a": a, "n": int(n_concepts), "method": method,
               "variant": variant, "max_images": int(max_images), "seed": int(seed), "m": int(m),
               "solver": solver, "clamp": bool(clamp)}
-    key = _cache.cache_key("explain", params)
     if cache:
-        hit = _cache.load_pickle(ctx.ws.cache_dir, key)
+        hit = _cache.fetch(ctx.ws.cache_dir, "explain", params, read_explanation)
         if hit is not None:
             return hit
     timings: dict[str, float] = {}
@@ -367,5 +392,5 @@ def explain_class(ws_or_ctx: Any, class_a: int | str, *, n_concepts: int = 4,
         solver=solver, seed=seed, params=params, warnings=warnings, timings=timings,
         progress=progress)
     if cache:
-        _cache.save_pickle(ctx.ws.cache_dir, key, params, expl)
+        _cache.store(ctx.ws.cache_dir, "explain", params, lambda d: save_explanation(expl, d))
     return expl

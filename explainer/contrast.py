@@ -14,7 +14,7 @@ import torch
 
 from explorer_core.errors import ExplorerError
 from explorer_core.progress import ProgressFn, report
-from explorer_core.results import ClassifierInfo, Explanation
+from explorer_core.results import ClassifierInfo, Explanation, read_explanation, save_explanation
 
 __all__ = ["CLASSIFIER_SOLVERS", "train_classifier", "contrast_scale", "class_contrast_pixels",
            "pair_classifier", "contrast_classes"]
@@ -165,9 +165,9 @@ def contrast_classes(ws_or_ctx: Any, class_a: int | str, class_b: int | str, *,
               "seed": int(seed), "m": int(m), "solver": solver,
               "classifier_solver": classifier_solver, "epochs": int(epochs), "lr": float(lr),
               "clamp": bool(clamp)}
-    key = _cache.cache_key("contrast", params)
+    key_params = dict(params)  # the result's params gain "classifier_comparison" below
     if cache:
-        hit = _cache.load_pickle(ctx.ws.cache_dir, key)
+        hit = _cache.fetch(ctx.ws.cache_dir, "contrast", key_params, read_explanation)
         if hit is not None:
             return hit
     from .concepts import class_images
@@ -205,6 +205,5 @@ def contrast_classes(ws_or_ctx: Any, class_a: int | str, class_b: int | str, *,
         progress=progress)
     expl.classifier = clf
     if cache:
-        _cache.save_pickle(ctx.ws.cache_dir, key, {k: v for k, v in params.items()
-                                                   if k != "classifier_comparison"}, expl)
+        _cache.store(ctx.ws.cache_dir, "contrast", key_params, lambda d: save_explanation(expl, d))
     return expl

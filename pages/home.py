@@ -77,11 +77,11 @@ def _status(ws) -> None:
 
 
 def _show(name: str) -> None:
-    from data_index.workspace import Workspace
+    from data_index.workspace import workspace_from_url
 
     if name == resources.DEFAULT_WORKSPACE and not resources.demo_ready():
         resources.ensure_demo()
-    ws = Workspace.open(name)
+    ws = workspace_from_url(name)  # a name from the URL: never a folder path
     try:
         resources.open_catalog(ws)
         complete = True

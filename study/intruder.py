@@ -21,8 +21,11 @@ the same trial (a double click, a reload) is ignored, never double-counted.
 
 Participant links are signed: ``?study=<token>&participant=<id>&sig=<sig>``, where ``sig`` is
 HMAC-SHA256 of the participant id under the study's server-side ``secret`` (never in a URL),
-truncated to 16 hex characters. The study token is shared by every participant; the signature
-is what stops a participant from answering as another one by editing ``participant=``.
+all 64 hex characters (256 bits). The study token is shared by every participant; the signature
+is what stops a participant from answering as another one by editing ``participant=``. Links of
+earlier versions carried only 16 hex characters (64 bits); they are refused (the participant
+sees "This link is not valid"), and the lead hands out the links the Study page regenerates
+(the same participants, their answers kept).
 Study files from before the secret existed get the column and a random secret per study when
 they are opened (their old unsigned links stop working: hand out the signed ones).
 
@@ -96,7 +99,7 @@ STUDY_FILE = "study.duckdb"
 CROPS_PER_TRIAL = 5
 CHANCE = 1.0 / CROPS_PER_TRIAL
 _PARTICIPANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.@+-]{0,63}$")
-SIG_HEX = 16  # hex characters of the participant link signature (64 bits)
+SIG_HEX = 64  # hex characters of the participant link signature: the full HMAC-SHA256
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
@@ -499,7 +502,7 @@ def _secret(study: Study) -> str:
 
 def participant_sig(study: Study, participant_id: str) -> str:
     """The signature of a participant's link: HMAC-SHA256 of the (cleaned) participant id under
-    the study's secret, the first :data:`SIG_HEX` hex characters."""
+    the study's secret, all :data:`SIG_HEX` (64) hex characters."""
     pid = _check_participant(participant_id)
     mac = hmac.new(_secret(study).encode(), pid.encode("utf-8"), hashlib.sha256)
     return mac.hexdigest()[:SIG_HEX]
@@ -673,15 +676,44 @@ def next_trial_index(study: Study, participant_id: str) -> int | None:
     return None
 
 
+def _server_trial(study: Study, participant_id: str, trial: Trial) -> Trial:
+    """The study's own trial ``trials_for(study, participant_id)[trial.index]``, after checking
+    that ``trial`` (from the client) is exactly it: same class, concepts, crops and intruder
+    position. Anything else raises :class:`ExplorerError`."""
+    if not isinstance(trial, Trial) or isinstance(trial.index, bool) or not isinstance(
+            trial.index, (int, np.integer)):
+        raise ExplorerError("This is not a trial of the study; reload the page")
+    if not 0 <= int(trial.index) < study.trials_per_participant:
+        raise ExplorerError("This trial does not belong to the study; reload the page")
+    if len(trial.crop_ids) != CROPS_PER_TRIAL:
+        raise ExplorerError(f"A trial shows exactly {CROPS_PER_TRIAL} crops, this one "
+                            f"{len(trial.crop_ids)}; reload the page")
+    server = trials_for(study, participant_id)[int(trial.index)]
+    given = (int(trial.class_idx), int(trial.concept), int(trial.intruder_concept),
+             tuple(int(c) for c in trial.crop_ids), int(trial.intruder_position))
+    want = (server.class_idx, server.concept, server.intruder_concept, server.crop_ids,
+            server.intruder_position)
+    if given != want:
+        raise ExplorerError(f"Trial {int(trial.index) + 1} is not the one this study shows "
+                            f"participant '{participant_id}'; reload the page")
+    return server
+
+
 def record_answer(study: Study, participant_id: str, trial: Trial, chosen_position: int,
                   response_ms: int | None = None) -> AnswerOutcome:
-    """Store the answer to ``trial`` now (one committed statement). Correctness is computed here
-    from the trial, never taken from the client. A repeated answer is ignored."""
+    """Store the answer to ``trial`` now (one committed statement). A repeated answer is
+    ignored.
+
+    The given ``trial`` must be the study's own ``trials_for(study, participant_id)
+    [trial.index]`` (same class, concepts, crops and positions): a made-up trial, one with
+    another number of crops or one of another study or participant raises
+    :class:`ExplorerError`. What is stored, correctness included, comes from the server's
+    trial, never from the client."""
     pid = _check_participant(participant_id)
-    if not 0 <= int(chosen_position) < len(trial.crop_ids):
-        raise ExplorerError(f"Chosen position must be 0..{len(trial.crop_ids) - 1}")
-    if not 0 <= trial.index < study.trials_per_participant:
-        raise ExplorerError("This trial does not belong to the study")
+    trial = _server_trial(study, pid, trial)
+    if isinstance(chosen_position, bool) or not isinstance(chosen_position, (int, np.integer)) \
+            or not 0 <= int(chosen_position) < CROPS_PER_TRIAL:
+        raise ExplorerError(f"Chosen position must be 0..{CROPS_PER_TRIAL - 1}")
     correct = int(chosen_position) == trial.intruder_position
     db = _db(study.path)
     with db.cursor() as cur:

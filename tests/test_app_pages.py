@@ -75,6 +75,39 @@ def test_bad_workspace_shows_error(demo_ws):
     assert any("No workspace" in e.value for e in at.error)
 
 
+def test_url_with_a_folder_path_computes_nothing(demo_ws, tmp_path):
+    """``/explain?ws=/some/folder&a=lupo&run=1``: a URL names only workspaces under the home.
+    The folder is a complete workspace (sharing the demo's catalog) with a pickle planted in
+    its cache: the page shows the error, computes nothing and reads nothing there."""
+    import pickle
+
+    from explorer_core import cache
+
+    folder = tmp_path / "some" / "folder"
+    folder.mkdir(parents=True)
+    (folder / "workspace.toml").write_text((demo_ws.root / "workspace.toml").read_text())
+    for name in ("catalog.duckdb", "index", "world"):
+        (folder / name).symlink_to(demo_ws.root / name)
+    marker = tmp_path / "EXECUTED"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (folder / "cache" / "explain").mkdir(parents=True)
+    (folder / "cache" / "explain" / "planted.pkl").write_bytes(pickle.dumps(Evil()))
+    cache.reset_stats()
+    for page in ("pages/explain.py", "pages/contrast.py", "pages/home.py"):
+        at = _app(ws=str(folder), a="lupo", b="husko", run=1)
+        at.switch_page(page).run()
+        assert not at.exception, at.exception
+        assert any("Refused workspace" in e.value and "workspace home" in e.value
+                   for e in at.error), (page, [e.value for e in at.error])
+    assert cache.STATS == {}  # no cache lookup: nothing was computed
+    assert sorted(p.name for p in (folder / "cache").rglob("*")) == ["explain", "planted.pkl"]
+    assert not marker.exists()
+
+
 def test_create_workspace_with_bad_folder_shows_error(demo_ws, tmp_path):
     at = _app(ws="demo").run()
     at.text_input(key="new_name").input("new-ws")

@@ -144,7 +144,7 @@ def _dump(ws):
                for t in ("images", "crops", "skipped")}
         out["chunks"] = con.execute("SELECT chunk_id, n_images FROM chunks ORDER BY 1").fetchall()
         out["meta"] = con.execute("SELECT * FROM meta WHERE key NOT IN "
-                                  "('seconds', 'built_at') ORDER BY 1").fetchall()
+                                  "('seconds', 'built_at', 'build_id') ORDER BY 1").fetchall()
     finally:
         con.close()
     d = ws.index_dir

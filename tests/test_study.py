@@ -69,6 +69,67 @@ def test_answers_are_unique_durable_and_resume(study, tmp_path):
     assert S.trials_for(again, "alice") == trials
 
 
+def _stored(study) -> list[tuple]:
+    return [(a["participant_id"], a["trial_index"], a["correct"], list(a["crop_ids"]),
+             a["intruder_position"]) for a in S.answers(study)]
+
+
+def test_record_answer_refuses_a_made_up_trial(study):
+    """The client's trial is checked against the server's: a made-up trial whose 'intruder'
+    is wherever the participant clicked is refused, nothing is stored."""
+    from dataclasses import replace
+
+    real = S.trials_for(study, "alice")[0]
+    wrong = (real.intruder_position + 1) % 5
+    forged = [
+        replace(real, intruder_position=wrong),  # claims the clicked crop is the intruder
+        replace(real, crop_ids=(1, 2, 3, 4, 5)),  # crops the study never showed
+        replace(real, crop_ids=real.crop_ids[::-1]),  # the same crops, other positions
+        replace(real, class_idx=(real.class_idx + 1) % 3),
+        replace(real, concept=real.intruder_concept, intruder_concept=real.concept),
+        replace(real, index=1),  # trial 0's content under index 1
+        replace(real, index=20), replace(real, index=-1),
+    ]
+    for t in forged:
+        with pytest.raises(ExplorerError, match="not the one|does not belong"):
+            S.record_answer(study, "alice", t, wrong)
+    with pytest.raises(ExplorerError, match="not a trial"):
+        S.record_answer(study, "alice", SimpleNamespace(**vars(real)), wrong)
+    assert _stored(study) == []
+    # the real trial is stored, with correctness from the server's trial
+    out = S.record_answer(study, "alice", real, wrong)
+    assert out.stored and not out.correct
+    assert _stored(study) == [("alice", 0, False, list(real.crop_ids), real.intruder_position)]
+
+
+def test_record_answer_refuses_a_seven_crop_trial(study):
+    from dataclasses import replace
+
+    real = S.trials_for(study, "alice")[0]
+    seven = replace(real, crop_ids=real.crop_ids + (1, 2))
+    with pytest.raises(ExplorerError, match="exactly 5 crops, this one 7"):
+        S.record_answer(study, "alice", seven, 6)
+    with pytest.raises(ExplorerError, match="exactly 5 crops"):
+        S.record_answer(study, "alice", seven, real.intruder_position)
+    with pytest.raises(ExplorerError, match="Chosen position must be 0..4"):
+        S.record_answer(study, "alice", real, 5)
+    assert _stored(study) == []
+
+
+def test_record_answer_refuses_a_trial_of_another_study_or_participant(study, tmp_path):
+    other = S.create_study_from_crops(tmp_path / "study.duckdb", "ws", _crops(),
+                                      trials_per_participant=20, seed=8)
+    theirs = S.trials_for(other, "alice")[0]
+    assert theirs != S.trials_for(study, "alice")[0]
+    with pytest.raises(ExplorerError, match="not the one this study shows participant 'alice'"):
+        S.record_answer(study, "alice", theirs, theirs.intruder_position)
+    bobs = S.trials_for(study, "bob")[0]
+    with pytest.raises(ExplorerError, match="not the one"):
+        S.record_answer(study, "alice", bobs, bobs.intruder_position)
+    assert _stored(study) == [] and _stored(other) == []
+    assert S.record_answer(other, "alice", theirs, theirs.intruder_position).correct
+
+
 def test_answer_survives_killed_process(tmp_path):
     path = tmp_path / "study.duckdb"
     st = S.create_study_from_crops(path, "ws", _crops(), trials_per_participant=5, seed=1)
@@ -195,6 +256,13 @@ def test_signed_links_verify_only_their_participant(study, tmp_path):
     assert not S.verify_participant(study, "alice", sig[:-1] + ("0" if sig[-1] != "0" else "1"))
     for bad in ("", None, sig[:8], sig + "0", "é" * S.SIG_HEX):
         assert not S.verify_participant(study, "alice", bad)
+    # the full HMAC-SHA256 (256 bits); a link of the old 64-bit form is refused
+    import hashlib
+    import hmac
+
+    assert S.SIG_HEX == 64 and sig == hmac.new(study.secret.encode(), b"alice",
+                                               hashlib.sha256).hexdigest()
+    assert not S.verify_participant(study, "alice", sig[:16])
     assert not S.verify_participant(study, "", sig)
     assert not S.verify_participant(study, "no/slash", sig)
     # the same participant id in another study has another signature (a secret per study)
