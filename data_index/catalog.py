@@ -176,6 +176,27 @@ def _open_complete(ws: Workspace) -> tuple[duckdb.DuckDBPyConnection, _Reader] |
     return None
 
 
+def _check_index_files(ws: Workspace, n: int, dim: int) -> None:
+    """Cheap checks (headers and sizes, no data read) that ``index/`` holds ``n`` crops of
+    ``dim`` dimensions; raises naming the first file that is truncated or does not fit."""
+    d = ws.index_dir
+    for name, shape, dtype in (("crop_ids.npy", (n,), np.int64),
+                               ("embeddings.npy", (n, dim), np.float32)):
+        try:
+            a = np.load(d / name, mmap_mode="r", allow_pickle=False)  # checks the length too
+        except (OSError, ValueError, EOFError) as exc:
+            raise _unreadable_index_file(ws, d / name, exc) from exc
+        if a.shape != shape or a.dtype != dtype:
+            raise _unreadable_index_file(ws, d / name, f"shape {a.shape} {a.dtype}, expected "
+                                                       f"{shape} {np.dtype(dtype)}")
+        del a
+    need = n * (4 * dim + 8)  # an IndexIDMap2(IndexFlatIP): the vectors and their ids
+    size = (d / "flat.faiss").stat().st_size
+    if size < need:
+        raise _unreadable_index_file(ws, d / "flat.faiss", f"{size} bytes, {n} crops of {dim} "
+                                                           f"dimensions need at least {need}")
+
+
 def _check_chunk_files(ws: Workspace, chunk_ids: Sequence[int], dim: int) -> None:
     """Every committed chunk's ``emb_*.npy`` exists and its header fits (``(n, dim)`` float32,
     file long enough) -- checked before a resume does any work."""
@@ -657,6 +678,8 @@ class Catalog:
                 if not (ws.index_dir / f).is_file():
                     raise ExplorerError(f"Workspace '{ws.name}' lacks index/{f}; "
                                         f"{_rebuild_hint(ws)}")
+            row = con.execute("SELECT count(*) FROM crops").fetchone()
+            _check_index_files(ws, int(row[0]) if row else 0, int(meta.get("dim", 0)))
         except BaseException:
             con.close()
             _drop_reader(reader)

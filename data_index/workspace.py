@@ -45,13 +45,15 @@ def resolve_workspace(name_or_path: str | os.PathLike) -> Path:
     s = str(name_or_path)
     if not s:
         raise ExplorerError("No workspace given; pass a workspace name or folder")
-    _require_utf8("workspace path", os.path.abspath(os.path.expanduser(s)))
     p = Path(s).expanduser()
     if os.sep in s or p.is_absolute() or s.startswith("."):
-        return p.resolve()
-    if not _NAME_RE.match(s):
+        root = p.resolve()
+    elif not _NAME_RE.match(s):
         raise ExplorerError(f"Bad workspace name '{s}': use letters, digits, '_', '-', '.'")
-    return workspaces_home() / s
+    else:
+        root = workspaces_home() / s
+    _require_utf8("workspace path", str(root))
+    return root
 
 
 def _toml_value(v: object) -> str:
@@ -143,7 +145,7 @@ class Workspace:
         Reusing a folder with different settings is refused so nothing built is mixed up."""
         if mode not in MODES:
             raise ExplorerError(f"Unknown embedding mode '{mode}'; use one of {', '.join(MODES)}")
-        _require_utf8("image folder", os.path.abspath(os.path.expanduser(str(images))))
+        _require_utf8("image folder", str(images))  # stored as given in workspace.toml
         root = resolve_workspace(name_or_path)
         ws = cls(root=root, model=model, layer=layer, images=str(images), input_size=input_size,
                  mode=mode, seed=seed, device=device)
