@@ -13,11 +13,10 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-
 from explainer.report import write_explanation
 from explorer_core.errors import ExplorerError
 
+from .args import CliParser, class_list, int_range, output_folder, positive_int, seed, workspace_arg
 from .common import ProgressBar, open_workspace
 
 __all__ = ["main", "write_explanation"]
@@ -25,27 +24,34 @@ __all__ = ["main", "write_explanation"]
 
 
 
+MAX_CROPS_PER_CONCEPT = 100  # --m: each crop is decoded again and written as a PNG
+
+
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workspace", required=True, help="workspace name or folder")
-    p.add_argument("--n", type=int, default=4, help="number of concepts (1..10, default 4)")
+    p.add_argument("--workspace", required=True, type=workspace_arg,
+                   help="workspace name or folder")
+    p.add_argument("--n", type=int_range(1, 10), default=4,
+                   help="number of concepts (1..10, default 4)")
     p.add_argument("--method", default="deeplift",
                    choices=["deeplift", "grad_x_act", "deeplift_smoothgrad"])
     p.add_argument("--variant", default="paper", choices=["paper", "reference"])
-    p.add_argument("--max-images", type=int, default=500)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--m", type=int, default=8, help="crops per concept")
+    p.add_argument("--max-images", type=positive_int, default=500)
+    p.add_argument("--seed", type=seed, default=0, help="0..2**32-1")
+    p.add_argument("--m", type=int_range(1, MAX_CROPS_PER_CONCEPT), default=8,
+                   help=f"crops per concept (1..{MAX_CROPS_PER_CONCEPT}, default 8)")
     p.add_argument("--solver", default="sklearn", choices=["sklearn", "torch"])
     p.add_argument("--device", default="auto")
     p.add_argument("--clamp", action="store_true", help="clamp negative activations")
     p.add_argument("--no-cache", action="store_true")
     p.add_argument("--exclude-target", action="store_true",
                    help="write the crops with target-class crops excluded")
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", required=True, type=output_folder,
+                   help="output folder (new, or an existing folder)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m explainer",
-                                 description="Concept explanations and class contrasting.")
+    ap = CliParser(prog="python -m explainer",
+                   description="Concept explanations and class contrasting.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     ex = sub.add_parser("explain", help="explain one class")
     ex.add_argument("--class", dest="class_a", required=True, help="class name or index")
@@ -58,30 +64,34 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="evaluations over many classes")
     evs = ev.add_subparsers(dest="what", required=True)
     pt = evs.add_parser("prediction-test", help="stitched-crops test over classes")
-    pt.add_argument("--workspace", required=True)
+    pt.add_argument("--workspace", required=True, type=workspace_arg)
     g = pt.add_mutually_exclusive_group()
-    g.add_argument("--min-images", type=int, default=3)
-    g.add_argument("--every", type=int, default=None, help="every k-th eligible class")
-    g.add_argument("--classes", default=None, help="comma-separated names or indices")
-    pt.add_argument("--limit", type=int, default=None, help="seeded subset of this many classes")
-    pt.add_argument("--n", type=int, default=4)
+    g.add_argument("--min-images", type=positive_int, default=3)
+    g.add_argument("--every", type=positive_int, default=None,
+                   help="every k-th eligible class (k >= 1)")
+    g.add_argument("--classes", type=class_list, default=None,
+                   help="comma-separated names or indices")
+    pt.add_argument("--limit", type=positive_int, default=None,
+                    help="seeded subset of this many classes (>= 1)")
+    pt.add_argument("--n", type=int_range(1, 10), default=4)
     pt.add_argument("--method", default="grad_x_act",
                     choices=["deeplift", "grad_x_act", "deeplift_smoothgrad"])
-    pt.add_argument("--max-images", type=int, default=500)
-    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--max-images", type=positive_int, default=500)
+    pt.add_argument("--seed", type=seed, default=0)
     pt.add_argument("--device", default="auto")
-    pt.add_argument("--out", required=True, type=Path)
+    pt.add_argument("--out", required=True, type=output_folder)
     sh = evs.add_parser("shift-test", help="hyperplane shifting over random class pairs")
-    sh.add_argument("--workspace", required=True)
-    sh.add_argument("--pairs", type=int, default=30)
-    sh.add_argument("--seed", type=int, default=0)
-    sh.add_argument("--min-images", type=int, default=3)
+    sh.add_argument("--workspace", required=True, type=workspace_arg)
+    sh.add_argument("--pairs", type=positive_int, default=30,
+                    help="class pairs (>= 1; at most all ordered pairs of eligible classes)")
+    sh.add_argument("--seed", type=seed, default=0)
+    sh.add_argument("--min-images", type=positive_int, default=3)
     sh.add_argument("--method", default="grad_x_act",
                     choices=["deeplift", "grad_x_act", "deeplift_smoothgrad"])
-    sh.add_argument("--max-images", type=int, default=500)
+    sh.add_argument("--max-images", type=positive_int, default=500)
     sh.add_argument("--classifier-solver", default="sgd", choices=["sgd", "lbfgs"])
     sh.add_argument("--device", default="auto")
-    sh.add_argument("--out", required=True, type=Path)
+    sh.add_argument("--out", required=True, type=output_folder)
     return ap
 
 
@@ -110,6 +120,8 @@ def _write_summary(res: Any, out: Path, title: str) -> None:
 
 def run(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import torch  # after the arguments are checked: a bad one fails in a fraction of a second
+
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 8)))
     from explainer.concepts import explain_class, get_context
 
@@ -136,8 +148,7 @@ def run(argv: Sequence[str] | None = None) -> int:
 
     with ProgressBar(args.what) as cb:
         if args.what == "prediction-test":
-            classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
-            res = evaluate_prediction_test(open_workspace(args.workspace), classes,
+            res = evaluate_prediction_test(open_workspace(args.workspace), args.classes,
                                            min_images=args.min_images,
                                            every=args.every, limit=args.limit,
                                            n_concepts=args.n, method=args.method,
@@ -160,6 +171,11 @@ def run(argv: Sequence[str] | None = None) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(argv)
+    except SystemExit as exc:  # the parser's one-line error (exit 2) or --help (exit 0)
+        return exc.code if isinstance(exc.code, int) else 2
     except ExplorerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # writing --out failed after the checks (disk full, removed, ...)
         print(f"error: {exc}", file=sys.stderr)
         return 2

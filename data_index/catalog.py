@@ -13,7 +13,11 @@
 
 Ids: ``image_id`` is the file's position in the folder's sorted listing (see
 :class:`~data_index.datasets.ImageFolder`); skipped files leave gaps. ``crop_id = image_id * 9 +
-row * 3 + col``. Paths in the tables are relative POSIX paths under the workspace's image folder.
+row * 3 + col``. Paths in the tables are relative POSIX paths under the workspace's image folder,
+stored through :func:`~data_index.datasets.escape_rel` (a file name that is not valid UTF-8 is
+indexed with its bad bytes written ``%XX``; the reader maps them back with
+:func:`~data_index.datasets.unescape_rel`). Sub-folders that cannot be listed are rows of
+``skipped`` (path ending in ``/``, ``chunk_id`` -1).
 
 Embedding modes (``ws.mode``):
 
@@ -30,6 +34,13 @@ Resumability: the folder is processed in chunks (``chunk_size`` images). A chunk
 written to ``index/emb_{chunk:05d}.npy`` (tmp file + rename) *before* one DuckDB transaction
 inserts all its rows together with its ``chunks`` row. A build killed at any point and re-run
 skips the committed chunks, redoes the partial one and ends with exactly the rows of a clean run.
+A committed chunk whose ``emb_*.npy`` file is unreadable stops the resume with an error that names
+the file and the ``--rebuild`` command.
+
+Locking (:mod:`data_index.locking`): a build holds the workspace lock exclusively before it deletes
+(``rebuild``) or writes anything, so a build or rebuild of a workspace that another process is
+building or reading fails at once with one clear error; a build of an already complete catalog
+only reads it (shared lock) and returns. :class:`Catalog` readers hold the lock shared.
 """
 
 from __future__ import annotations
@@ -53,7 +64,8 @@ from explorer_core.progress import Meter, Progress, ProgressFn, report
 from explorer_core.results import CropRef
 
 from .crops import GRID, cell_pool, crop_boxes, cut_crops
-from .datasets import ImageEntry, ImageFolder, try_load_rgb
+from .datasets import ImageEntry, ImageFolder, escape_rel, try_load_rgb, unescape_rel
+from .locking import WorkspaceLock, lock_workspace
 from .workspace import Workspace
 
 __all__ = ["BuildStats", "Catalog", "build_catalog", "EXPORTABLE_TABLES"]
@@ -122,12 +134,76 @@ def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
 
 
 def _connect_rw(path: Path) -> duckdb.DuckDBPyConnection:
-    _release_readers(path)
     try:
         return duckdb.connect(str(path))
     except duckdb.Error as exc:
         raise ExplorerError(f"Cannot open {path} for writing ({exc}); is another process (the "
                             "app, another build) using this workspace? Close it and retry") from exc
+
+
+def _rebuild_hint(ws: Workspace) -> str:
+    return f"rebuild it with 'python -m data_index build --workspace {ws.root} --rebuild'"
+
+
+def _unreadable_index_file(ws: Workspace, path: Path, exc: BaseException | str) -> ExplorerError:
+    return ExplorerError(f"The index file {path} of workspace '{ws.name}' is unreadable or "
+                         f"truncated ({exc}); {_rebuild_hint(ws)}")
+
+
+def _open_complete(ws: Workspace) -> tuple[duckdb.DuckDBPyConnection, _Reader] | None:
+    """``(cursor, reader)`` on the catalog (shared lock) when it is complete, else ``None``
+    with nothing held. Raises when a build is running in another process."""
+    if not ws.catalog_path.is_file():
+        return None
+    con, reader = _reader_connection(ws.catalog_path)  # raises if another process is building
+    try:
+        complete = dict(con.execute("SELECT key, value FROM meta").fetchall()).get("complete")
+    except duckdb.Error:
+        complete = None
+    if complete == "true":
+        return con, reader
+    con.close()
+    _drop_reader(reader)
+    return None
+
+
+def _check_index_files(ws: Workspace, n: int, dim: int) -> None:
+    """Cheap checks (headers and sizes, no data read) that ``index/`` holds ``n`` crops of
+    ``dim`` dimensions; raises naming the first file that is truncated or does not fit."""
+    d = ws.index_dir
+    for name, shape, dtype in (("crop_ids.npy", (n,), np.int64),
+                               ("embeddings.npy", (n, dim), np.float32)):
+        try:
+            a = np.load(d / name, mmap_mode="r", allow_pickle=False)  # checks the length too
+        except (OSError, ValueError, EOFError) as exc:
+            raise _unreadable_index_file(ws, d / name, exc) from exc
+        if a.shape != shape or a.dtype != dtype:
+            raise _unreadable_index_file(ws, d / name, f"shape {a.shape} {a.dtype}, expected "
+                                                       f"{shape} {np.dtype(dtype)}")
+        del a
+    need = n * (4 * dim + 8)  # an IndexIDMap2(IndexFlatIP): the vectors and their ids
+    size = (d / "flat.faiss").stat().st_size
+    if size < need:
+        raise _unreadable_index_file(ws, d / "flat.faiss", f"{size} bytes, {n} crops of {dim} "
+                                                           f"dimensions need at least {need}")
+
+
+def _check_chunk_files(ws: Workspace, chunk_ids: Sequence[int], dim: int) -> None:
+    """Every committed chunk's ``emb_*.npy`` exists and its header fits (``(n, dim)`` float32,
+    file long enough) -- checked before a resume does any work."""
+    for k in sorted(chunk_ids):
+        f = ws.index_dir / f"emb_{k:05d}.npy"
+        if not f.is_file():
+            raise ExplorerError(f"The chunk file {f} of a committed chunk is missing; "
+                                f"{_rebuild_hint(ws)}")
+        try:
+            e = np.load(f, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise _unreadable_index_file(ws, f, exc) from exc
+        if e.ndim != 2 or (len(e) and e.shape[1] != dim) or e.dtype != np.float32:
+            raise _unreadable_index_file(ws, f, f"shape {e.shape} {e.dtype}, expected "
+                                                f"(n, {dim}) float32")
+        del e
 
 
 def _decode(entry: ImageEntry, lm: Any, min_side: int) -> tuple[torch.Tensor | None, str | None]:
@@ -209,9 +285,14 @@ def build_catalog(ws: Workspace, *, batch_size: int = 32, device: str = "auto",
     model : an already loaded :class:`~explorer_core.models.LoadedModel` (else ``ws.model`` is loaded).
     chunk_size : images per resumable chunk (bounded memory: about two chunks of pixels).
     num_workers : JPEG-decoding threads overlapping the forward (default ``min(4, cpus)``).
-    rebuild : delete an existing catalog of this workspace first.
+    rebuild : delete an existing catalog of this workspace first (under the exclusive
+        workspace lock: refused while another process builds or reads the workspace).
     """
     t_start = time.perf_counter()
+    for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size),
+                        ("limit", 1 if limit is None else limit)):
+        if int(value) < 1:
+            raise ExplorerError(f"{name}={value}: use at least 1")
     if model is None:
         from explorer_core.models import shared_model
 
@@ -225,13 +306,25 @@ def build_catalog(ws: Workspace, *, batch_size: int = 32, device: str = "auto",
         raise ExplorerError(f"Unknown embedding mode '{ws.mode}'; use crop or cell")
     folder = ImageFolder(ws.images_path)
     ws.root.mkdir(parents=True, exist_ok=True)
-    ws.index_dir.mkdir(parents=True, exist_ok=True)
-    if rebuild:
-        _delete_catalog(ws)
-
-    con = _connect_rw(ws.catalog_path)
+    lock: WorkspaceLock | None = None
+    reader: _Reader | None = None
+    opened = None if rebuild else _open_complete(ws)  # complete: read it, build nothing
+    if opened is not None:
+        con, reader = opened
+    else:
+        _release_readers(ws.catalog_path)  # this process's own readers would block the lock
+        lock = lock_workspace(ws.root, exclusive=True)  # before anything is deleted or written
+        try:
+            if rebuild:
+                _delete_catalog(ws)
+            ws.index_dir.mkdir(parents=True, exist_ok=True)
+            con = _connect_rw(ws.catalog_path)
+        except BaseException:
+            lock.release()
+            raise
     try:
-        con.execute(_SCHEMA)
+        if lock is not None:
+            con.execute(_SCHEMA)
         meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
         if limit is None and meta.get("limit"):  # resuming a limited build: same limit
             limit = int(meta["limit"])
@@ -262,10 +355,16 @@ def build_catalog(ws: Workspace, *, batch_size: int = 32, device: str = "auto",
                              "images_root": str(ws.images_path),
                              "limit": "" if limit is None else str(int(limit))}.items():
                 con.execute("INSERT INTO meta VALUES (?, ?)", [key, val])
+            for path, reason in folder.unreadable:  # folders os.walk could not list
+                con.execute("INSERT INTO skipped VALUES (?, ?, -1)", [escape_rel(path), reason])
             con.execute("COMMIT")
+        if lock is None:  # opened read-only for a complete catalog that no longer matches
+            raise ExplorerError(f"The catalog in '{ws.root}' is not complete; "
+                                f"{_rebuild_hint(ws)}")
 
         n_chunks = (total + chunk_size - 1) // chunk_size
         done = {r[0] for r in con.execute("SELECT chunk_id FROM chunks").fetchall()}
+        _check_chunk_files(ws, list(done), info.shape[0])
         todo = [k for k in range(n_chunks) if k not in done]
         done_images = sum(min(chunk_size, total - k * chunk_size) for k in done)
         embedder = _Embedder(lm, ws.layer, ws.mode)
@@ -298,7 +397,8 @@ def build_catalog(ws: Workspace, *, batch_size: int = 32, device: str = "auto",
                              embedder, boxes, batch_size, k * chunk_size, on_images)
                 processed += len(futures)
                 done_images += len(futures)
-                meter.update(done_images, force=True)
+                saved = n_chunks - len(todo) + i + 1
+                meter.update(done_images, message=f"{saved}/{n_chunks} chunks saved", force=True)
         finally:
             for f in pending if todo else []:
                 f.cancel()
@@ -321,6 +421,10 @@ def build_catalog(ws: Workspace, *, batch_size: int = 32, device: str = "auto",
         n_img, n_crop, n_sk, _ = _counts(con)
     finally:
         con.close()
+        if lock is not None:
+            lock.release()
+        if reader is not None:
+            _drop_reader(reader)
     secs = time.perf_counter() - t_start
     if progress:
         progress(Progress("done", total, total, "images", processed / max(secs, 1e-9), 0.0))
@@ -350,7 +454,7 @@ def _index_chunk(con: duckdb.DuckDBPyConnection, ws: Workspace, k: int,
     for j, (e, fut) in enumerate(zip(entries, futures)):
         px, reason = fut.result()
         if px is None:
-            skipped.append((e.rel, reason or "unknown error"))
+            skipped.append((escape_rel(e.rel), reason or "unknown error"))
             continue
         ids.append(first_id + j)
         kept.append(e)
@@ -374,7 +478,7 @@ def _index_chunk(con: duckdb.DuckDBPyConnection, ws: Workspace, k: int,
             top5_list = [list(map(int, r)) for r in top5]
             img_tab = {
                 "image_id": np.asarray(ids, np.int64),
-                "path": np.asarray([e.rel for e in kept], dtype=object),
+                "path": np.asarray([escape_rel(e.rel) for e in kept], dtype=object),
                 "label": np.asarray([-1 if e.label is None else e.label for e in kept], np.int64),
                 "label_name": np.asarray([e.label_name or "" for e in kept], dtype=object),
                 "pred": pred, "conf": conf,
@@ -429,19 +533,24 @@ def _assemble(con: duckdb.DuckDBPyConnection, ws: Workspace, n_chunks: int, dim:
     for k in range(n_chunks):
         f = d / f"emb_{k:05d}.npy"
         if not f.is_file():
-            raise ExplorerError(f"Chunk file {f} is missing; rebuild with --rebuild")
-        e = np.load(f)
+            raise ExplorerError(f"Chunk file {f} is missing; {_rebuild_hint(ws)}")
+        try:
+            e = np.load(f, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise _unreadable_index_file(ws, f, exc) from exc
+        if e.ndim != 2:
+            raise _unreadable_index_file(ws, f, f"shape {e.shape}")
         if e.shape[0] == 0:
             continue
         if e.shape[1] != dim or pos + len(e) > n:
-            raise ExplorerError(f"Chunk file {f} does not fit the catalog; rebuild with --rebuild")
+            raise ExplorerError(f"Chunk file {f} does not fit the catalog; {_rebuild_hint(ws)}")
         out[pos:pos + len(e)] = e
         en = np.ascontiguousarray(e, np.float32).copy()
         faiss.normalize_L2(en)
         index.add_with_ids(en, ids[pos:pos + len(e)])
         pos += len(e)
     if pos != n:
-        raise ExplorerError(f"Embeddings ({pos}) and crops ({n}) disagree; rebuild with --rebuild")
+        raise ExplorerError(f"Embeddings ({pos}) and crops ({n}) disagree; {_rebuild_hint(ws)}")
     out.flush()
     del out
     emb_tmp.replace(d / "embeddings.npy")
@@ -455,7 +564,7 @@ def _assemble(con: duckdb.DuckDBPyConnection, ws: Workspace, n_chunks: int, dim:
 
 
 def _delete_catalog(ws: Workspace) -> None:
-    _release_readers(ws.catalog_path)
+    """Remove the catalog and index files; the caller holds the exclusive workspace lock."""
     for p in (ws.catalog_path, ws.catalog_path.with_name(ws.catalog_path.name + ".wal")):
         p.unlink(missing_ok=True)
     if ws.index_dir.is_dir():
@@ -467,43 +576,80 @@ def _delete_catalog(ws: Workspace) -> None:
 # --------------------------------------------------------------------------------------------
 # reader
 
-_READERS: dict[str, duckdb.DuckDBPyConnection] = {}
+@dataclass(eq=False)
+class _Reader:
+    """One read-only DuckDB database per catalog file and process, shared by its readers, and
+    the shared workspace lock, held while ``users`` > 0."""
+
+    key: str
+    con: duckdb.DuckDBPyConnection
+    lock: WorkspaceLock
+    users: int = 0
+
+    def close(self) -> None:
+        try:
+            self.con.close()
+        except duckdb.Error:
+            pass
+        self.lock.release()
+
+
+_READERS: dict[str, _Reader] = {}
 _READERS_LOCK = threading.Lock()
 
 
-def _reader_connection(path: Path) -> duckdb.DuckDBPyConnection:
+def _reader_connection(path: Path) -> tuple[duckdb.DuckDBPyConnection, _Reader]:
+    """A cursor on the shared read-only connection of the catalog ``path``, and the reader it
+    counts as one more user of (give it back with :func:`_drop_reader`). The first user takes
+    the shared workspace lock; it raises :class:`ExplorerError` if another process builds."""
     key = str(path.resolve())
     with _READERS_LOCK:
-        con = _READERS.get(key)
-        if con is None:
+        reader = _READERS.get(key)
+        if reader is None:
+            lock = lock_workspace(Path(key).parent, exclusive=False)
             try:
                 con = duckdb.connect(key, read_only=True)
             except duckdb.Error as exc:
+                lock.release()
                 raise ExplorerError(f"Cannot open catalog {path} ({exc}); if a build is running "
                                     "on this workspace, wait for it to finish") from exc
-            _READERS[key] = con
-        return con.cursor()
+            reader = _READERS[key] = _Reader(key, con, lock)
+        reader.users += 1
+        return reader.con.cursor(), reader
+
+
+def _drop_reader(reader: _Reader) -> None:
+    """One user of ``reader`` is done; the last one closes it and drops the lock."""
+    with _READERS_LOCK:
+        reader.users -= 1
+        if reader.users > 0 or _READERS.get(reader.key) is not reader:
+            return  # still in use, or already closed by _release_readers
+        del _READERS[reader.key]
+    reader.close()
 
 
 def _release_readers(path: Path) -> None:
+    """Close this process's reader of ``path`` whatever its users (before building it here)."""
     with _READERS_LOCK:
-        con = _READERS.pop(str(Path(path).resolve()), None)
-    if con is not None:
-        try:
-            con.close()
-        except duckdb.Error:
-            pass
+        reader = _READERS.pop(str(Path(path).resolve()), None)
+    if reader is not None:
+        reader.close()
 
 
 class Catalog:
     """Read-only access to a built catalog. Open with :meth:`Catalog.open`.
 
     Several readers in one process share one read-only DuckDB database (each has its own
-    cursor, used under a lock, so a reader may be shared across threads)."""
+    cursor, used under a lock, so a reader may be shared across threads). While any of them is
+    open the process holds the workspace lock shared, so no other process can rebuild the
+    catalog under it; :meth:`close` the catalog (or use it as a context manager) to let go."""
 
-    def __init__(self, ws: Workspace, con: duckdb.DuckDBPyConnection, meta: dict[str, str]):
+    def __init__(self, ws: Workspace, con: duckdb.DuckDBPyConnection, meta: dict[str, str],
+                 reader: _Reader | None = None):
         self.ws = ws
         self._con = con
+        self._reader = reader
+        self._closed = False
         self._lock = threading.RLock()
         self.meta = meta
         # the workspace record is the truth (a relative image folder moves with the workspace)
@@ -521,23 +667,39 @@ class Catalog:
                "stopped)")
         if not ws.catalog_path.is_file():
             raise ExplorerError(f"Workspace '{ws.name}' has no catalog yet; {how}")
-        con = _reader_connection(ws.catalog_path)
+        con, reader = _reader_connection(ws.catalog_path)
         try:
-            meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
-        except duckdb.Error:
-            meta = {}
-        if meta.get("complete") != "true":
+            try:
+                meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
+            except duckdb.Error:
+                meta = {}
+            if meta.get("complete") != "true":
+                raise ExplorerError(f"The catalog of workspace '{ws.name}' is not complete; {how}")
+            for f in ("embeddings.npy", "crop_ids.npy", "flat.faiss"):
+                if not (ws.index_dir / f).is_file():
+                    raise ExplorerError(f"Workspace '{ws.name}' lacks index/{f}; "
+                                        f"{_rebuild_hint(ws)}")
+            row = con.execute("SELECT count(*) FROM crops").fetchone()
+            _check_index_files(ws, int(row[0]) if row else 0, int(meta.get("dim", 0)))
+        except BaseException:
             con.close()
-            raise ExplorerError(f"The catalog of workspace '{ws.name}' is not complete; {how}")
-        for f in ("embeddings.npy", "crop_ids.npy", "flat.faiss"):
-            if not (ws.index_dir / f).is_file():
-                con.close()
-                raise ExplorerError(f"Workspace '{ws.name}' lacks index/{f}; {how} --rebuild")
-        return cls(ws, con, meta)
+            _drop_reader(reader)
+            raise
+        return cls(ws, con, meta, reader)
 
     def close(self) -> None:
+        """Close this reader (idempotent); the process's last one drops the workspace lock."""
         with self._lock:
-            self._con.close()
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self._con.close()
+            except duckdb.Error:
+                pass
+            self._emb = None
+        if self._reader is not None:
+            _drop_reader(self._reader)
 
     def __enter__(self) -> Catalog:
         return self
@@ -596,6 +758,7 @@ class Catalog:
             raise ExplorerError(f"No image {image_id} in the catalog of '{self.ws.name}'")
         out = dict(zip(names, row))
         out["top5"] = [int(t) for t in out["top5"]]
+        out["path"] = unescape_rel(out["path"])
         out["abs_path"] = str(self.images_root / out["path"])
         return out
 
@@ -603,7 +766,7 @@ class Catalog:
         r = self._q("SELECT path FROM images WHERE image_id = ?", [int(image_id)])
         if not r:
             raise ExplorerError(f"No image {image_id} in the catalog of '{self.ws.name}'")
-        return self.images_root / r[0][0]
+        return self.images_root / unescape_rel(r[0][0])
 
     def _load_geometry(self, image_id: int, lm: Any) -> torch.Tensor:
         from .datasets import load_rgb
@@ -634,7 +797,8 @@ class Catalog:
             if r is None:
                 raise ExplorerError(f"No crop {cid} in the catalog of '{self.ws.name}'")
             out.append(CropRef(
-                crop_id=cid, image_id=int(r[1]), path=str(self.images_root / r[2]),
+                crop_id=cid, image_id=int(r[1]),
+                path=str(self.images_root / unescape_rel(r[2])),
                 row=int(r[3]), col=int(r[4]), box=(int(r[5]), int(r[6]), int(r[7]), int(r[8])),
                 crop_pred=-1 if r[9] is None else int(r[9]),
                 crop_conf=float("nan") if r[10] is None else float(r[10]),
@@ -665,11 +829,29 @@ class Catalog:
         return np.asarray([r[0] for r in rows], np.int64)
 
     def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(crop_ids int64 (N,), embeddings float32 (N, C))``, memory-mapped, crop-id order."""
+        """``(crop_ids int64 (N,), embeddings float32 (N, C))``, memory-mapped, crop-id order.
+
+        Raises :class:`ExplorerError` naming the file (and the rebuild command) when
+        ``index/crop_ids.npy`` or ``index/embeddings.npy`` is truncated or does not fit."""
         if self._emb is None:
             d = self.ws.index_dir
-            self._emb = (np.load(d / "crop_ids.npy", mmap_mode="r"),
-                         np.load(d / "embeddings.npy", mmap_mode="r"))
+            loaded = []
+            for name in ("crop_ids.npy", "embeddings.npy"):
+                try:
+                    loaded.append(np.load(d / name, mmap_mode="r", allow_pickle=False))
+                except (OSError, ValueError, EOFError) as exc:
+                    raise _unreadable_index_file(self.ws, d / name, exc) from exc
+            ids, emb = loaded
+            n = self.n_crops
+            if ids.shape != (n,) or ids.dtype != np.int64:
+                raise _unreadable_index_file(self.ws, d / "crop_ids.npy",
+                                             f"shape {ids.shape} {ids.dtype}, expected ({n},) "
+                                             "int64")
+            if emb.shape != (n, self.dim) or emb.dtype != np.float32:
+                raise _unreadable_index_file(self.ws, d / "embeddings.npy",
+                                             f"shape {emb.shape} {emb.dtype}, expected "
+                                             f"({n}, {self.dim}) float32")
+            self._emb = (ids, emb)
         return self._emb
 
     def random_crop_ids(self, n: int, seed: int = 0, exclude_class: int | None = None
@@ -688,6 +870,8 @@ class Catalog:
         return [int(i) for i in rng.choice(ids, size=k, replace=False)] if k else []
 
     def skipped(self) -> list[tuple[str, str]]:
+        """``(path, reason)`` of each skipped file (or unlistable folder, path ending in ``/``),
+        by path; paths as stored (``%XX`` for bytes that are not UTF-8)."""
         return [(str(p), str(r)) for p, r in
                 self._q("SELECT path, reason FROM skipped ORDER BY path")]
 
@@ -704,14 +888,23 @@ class Catalog:
             fmt = "(FORMAT parquet)"
         else:
             raise ExplorerError(f"Export to '{path}': use a .csv or .parquet file name")
-        p.parent.mkdir(parents=True, exist_ok=True)
+        if p.is_dir():
+            raise ExplorerError(f"Export to '{path}': that is a folder; give a file name")
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ExplorerError(f"Export to '{path}': cannot create its folder "
+                                f"({exc.strerror or exc})") from exc
         target = str(p).replace("'", "''")
         sel = f'SELECT * FROM "{table}"'
         if table == "images":
             sel = ("SELECT image_id, path, label, label_name, pred, conf, "
                    "array_to_string(top5, ' ') AS top5 FROM images") if suffix == ".csv" else sel
         with self._lock:
-            self._con.execute(f"COPY ({sel}) TO '{target}' {fmt}")
+            try:
+                self._con.execute(f"COPY ({sel}) TO '{target}' {fmt}")
+            except duckdb.Error as exc:
+                raise ExplorerError(f"Export to '{path}' failed: {exc}") from exc
         return p
 
     def __repr__(self) -> str:

@@ -8,13 +8,26 @@ the files relative to its own folder, the nearest one winning -- else from class
 
 :func:`try_load_rgb` decodes one file into an RGB PIL image, or gives a *reason* (a string) why
 the file is skipped: not decodable, truncated, empty, too small for a crop, or too large
-(decompression bomb). :func:`load_rgb` is the same but raises :class:`ExplorerError`.
+(decompression bomb: more than :data:`MAX_PIXELS`, Pillow's own warning threshold of 89.5 Mpx).
+:func:`load_rgb` is the same but raises :class:`ExplorerError`.
+
+File names that are not valid UTF-8 (Linux names are bytes: ``b"caf\\xe9.jpg"``) reach Python as
+``str`` with surrogate escapes (``"caf\\udce9.jpg"``), which neither DuckDB nor a UTF-8 text file
+can hold. The catalog stores every relative path through :func:`escape_rel`: each byte that is
+not valid UTF-8 is written ``%XX`` (``XX`` its hex value, 80..FF, upper case) and a literal ``%``
+that would read as such an escape (or as ``%25``) is written ``%25``; every other name, UTF-8
+ones with a ``%`` included, is stored unchanged. :func:`unescape_rel` reverses it exactly, so
+such files are indexed and read back like any other.
+
+Sub-folders that cannot be listed (no permission, vanished) are recorded in
+:attr:`ImageFolder.unreadable` with the reason instead of being dropped silently.
 """
 
 from __future__ import annotations
 
 import csv
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +36,53 @@ from PIL import Image, ImageFile, ImageOps
 
 from explorer_core.errors import ExplorerError
 
-__all__ = ["IMAGE_EXTENSIONS", "MAX_PIXELS", "ImageEntry", "ImageFolder", "load_rgb",
-           "try_load_rgb"]
+__all__ = ["IMAGE_EXTENSIONS", "MAX_PIXELS", "ImageEntry", "ImageFolder", "escape_rel",
+           "load_rgb", "try_load_rgb", "unescape_rel"]
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
-MAX_PIXELS = 100_000_000  # larger images are refused (decompression-bomb guard)
+# Larger images are refused: Pillow's decompression-bomb warning threshold
+# (Image.MAX_IMAGE_PIXELS, 89.5 Mpx), which Image.open itself checks first.
+MAX_PIXELS = 89_478_485
 LABELS_CSV = "labels.csv"
+
+_ESCAPE_HEX = frozenset(["25"] + [f"{b:02X}" for b in range(0x80, 0x100)])
+_UNESCAPE_RE = re.compile("%(25|[89A-F][0-9A-F])")
+
+
+def escape_rel(rel: str) -> str:
+    """A relative path as stored in the catalog: valid UTF-8 text, reversible by
+    :func:`unescape_rel` (see the module docstring; unchanged for every UTF-8 name that has no
+    ``%`` followed by ``25`` or ``80``..``FF``)."""
+    if "%" not in rel:
+        try:
+            rel.encode("utf-8")
+            return rel
+        except UnicodeEncodeError:
+            pass
+    out = []
+    for i, ch in enumerate(rel):
+        if "\udc80" <= ch <= "\udcff":  # a byte that was not UTF-8 (surrogate escape)
+            out.append(f"%{ord(ch) - 0xDC00:02X}")
+        elif ch == "%" and rel[i + 1:i + 3] in _ESCAPE_HEX:
+            out.append("%25")
+        elif "\ud800" <= ch <= "\udfff":  # cannot come from os.fsdecode; keep it visible
+            out.append(ch.encode("utf-8", "backslashreplace").decode("ascii"))
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def unescape_rel(stored: str) -> str:
+    """The relative path (``str`` with surrogate escapes, as ``os.fsdecode`` gives) of a path
+    stored by :func:`escape_rel`."""
+    if "%" not in stored:
+        return stored
+
+    def sub(m: re.Match[str]) -> str:
+        v = int(m.group(1), 16)
+        return "%" if v == 0x25 else chr(0xDC00 + v)
+
+    return _UNESCAPE_RE.sub(sub, stored)
 
 
 @dataclass(frozen=True)
@@ -78,6 +132,9 @@ class ImageFolder:
         ``"csv"``, ``"folders"`` or ``"none"``.
     class_names : dict[int, str]
         Label index -> name where known (csv ``label_name`` or the class folder's name).
+    unreadable : list of (str, str)
+        ``(relative POSIX folder path + "/", reason)`` of each sub-folder that could not be
+        listed; its images are not in ``entries``.
     """
 
     def __init__(self, root: str | os.PathLike) -> None:
@@ -87,7 +144,9 @@ class ImageFolder:
                                 "images (jpg, png, ...)")
         files: list[tuple[str, Path]] = []
         csvs: list[Path] = []
-        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=False):
+        walk_errors: list[OSError] = []
+        for dirpath, dirnames, filenames in os.walk(self.root, onerror=walk_errors.append,
+                                                    followlinks=False):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for fn in filenames:
                 if fn.startswith("."):
@@ -98,6 +157,16 @@ class ImageFolder:
                 elif p.suffix.lower() in IMAGE_EXTENSIONS:
                     files.append((p.relative_to(self.root).as_posix(), p))
         files.sort(key=lambda t: t[0])
+        self.unreadable: list[tuple[str, str]] = []
+        for exc in walk_errors:
+            where = Path(exc.filename) if exc.filename else self.root
+            if where == self.root:
+                raise ExplorerError(f"Cannot list the image folder '{root}': "
+                                    f"{exc.strerror or exc}")
+            self.unreadable.append((where.relative_to(self.root).as_posix() + "/",
+                                    f"cannot list folder: {exc.strerror or exc}; "
+                                    "its images are not indexed"))
+        self.unreadable.sort()
         self.class_names: dict[int, str] = {}
         if csvs:
             self.label_source = "csv"
@@ -194,8 +263,8 @@ def try_load_rgb(path: str | os.PathLike, min_side: int = 0, max_pixels: int = M
             with Image.open(p) as im:
                 w, h = im.size
                 if w * h > max_pixels:
-                    return None, (f"image too large: {w}x{h} = {w * h / 1e6:.0f} Mpixels "
-                                  f"(limit {max_pixels / 1e6:.0f})")
+                    return None, (f"image too large: {w}x{h} = {w * h / 1e6:.1f} Mpixels "
+                                  f"(limit {max_pixels / 1e6:.1f})")
                 if min(w, h) < min_side:
                     return None, (f"image too small: {w}x{h}, shorter side < {min_side} px "
                                   "(one crop)")

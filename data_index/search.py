@@ -9,6 +9,10 @@ no prediction of their own (NULL), so only the source image's prediction exclude
 ``kind="flat"``: exact inner product over L2-normalised embeddings (``index/flat.faiss``).
 ``kind="ivf"``: ``IndexIVFFlat`` (inner product) trained on a seeded sample, built on first use
 and cached as ``index/ivf_{nlist}.faiss``; approximate, ``nprobe`` lists are visited.
+
+``m`` is capped at the number of indexed crops (FAISS allocates ``k x m`` results up front), and
+an unreadable or truncated ``flat.faiss`` raises :class:`ExplorerError` naming the file and the
+rebuild command (an unreadable IVF cache file is simply built again).
 """
 
 from __future__ import annotations
@@ -63,6 +67,13 @@ def _build_ivf(emb: np.ndarray, ids: np.ndarray, nlist: int, seed: int, path: Pa
     return index
 
 
+def _bad_index(catalog: Catalog, path: Path, why: str) -> ExplorerError:
+    ws = catalog.ws
+    return ExplorerError(f"The index file {path} of workspace '{ws.name}' is unreadable or "
+                         f"truncated ({why}); rebuild it with 'python -m data_index build "
+                         f"--workspace {ws.root} --rebuild'")
+
+
 class CropSearch:
     """Cosine top-m crop search over a :class:`Catalog`."""
 
@@ -77,17 +88,30 @@ class CropSearch:
         self._excl_cache: dict[int, Any] = {}
         d = catalog.ws.index_dir
         if kind == "flat":
-            self.index = faiss.read_index(str(d / "flat.faiss"))
+            path = d / "flat.faiss"
+            try:
+                self.index = faiss.read_index(str(path))
+            except RuntimeError as exc:
+                raise _bad_index(catalog, path, str(exc).strip().splitlines()[-1]) from exc
             self.nlist = None
         else:
             ids, emb = catalog.embeddings()
             n = len(ids)
             self.nlist = int(nlist or max(1, min(int(4 * np.sqrt(n)), n // 39 or 1)))
             path = d / f"ivf_{self.nlist}.faiss"
+            index = None
             if path.is_file():
-                self.index = faiss.read_index(str(path))
-            else:
-                self.index = _build_ivf(emb, ids, self.nlist, seed, path)
+                try:
+                    index = faiss.read_index(str(path))
+                except RuntimeError:
+                    index = None  # a broken cache file: build it again
+                if index is not None and (index.ntotal, index.d) != (n, emb.shape[1]):
+                    index = None
+            self.index = index if index is not None else _build_ivf(emb, ids, self.nlist, seed,
+                                                                    path)
+        if (self.index.ntotal, self.index.d) != (catalog.n_crops, catalog.dim):
+            raise _bad_index(catalog, path, f"{self.index.ntotal} vectors of {self.index.d} "
+                             f"dimensions, the catalog has {catalog.n_crops} of {catalog.dim}")
         self.dim = self.index.d
 
     @property
@@ -109,14 +133,15 @@ class CropSearch:
 
     def search_ids(self, vectors: np.ndarray, m: int = 8, exclude_class: int | None = None
                    ) -> tuple[np.ndarray, np.ndarray]:
-        """Raw search: ``(scores (k, m) float32, crop ids (k, m) int64)``; missing = id -1."""
+        """Raw search: ``(scores (k, m') float32, crop ids (k, m') int64)``, ``m' = min(m,
+        ntotal)``; missing = id -1."""
         faiss = _faiss()
 
         q = normalize_rows(vectors)
         if q.shape[1] != self.dim:
             raise ExplorerError(f"Query vectors have {q.shape[1]} dimensions, the catalog's "
                                 f"embeddings {self.dim}; use vectors of the workspace's layer")
-        m = int(m)
+        m = min(int(m), self.ntotal)  # FAISS allocates k x m results: never more than there are
         if m <= 0:
             return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
         with self._lock:

@@ -33,6 +33,16 @@ def workspaces_home() -> Path:
     return Path(os.environ.get("CONCEPT_EXPLORER_HOME", "workspaces")).expanduser().resolve()
 
 
+def _require_utf8(what: str, path: str) -> None:
+    """DuckDB and ``workspace.toml`` hold paths as UTF-8 text: refuse any other bytes."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise ExplorerError(f"The {what} '{shown}' is not valid UTF-8 (DuckDB cannot open such "
+                            "paths); rename it or choose another folder") from None
+
+
 def resolve_workspace(name_or_path: str | os.PathLike) -> Path:
     """A workspace folder from a name (under :func:`workspaces_home`) or a path."""
     s = str(name_or_path)
@@ -40,10 +50,13 @@ def resolve_workspace(name_or_path: str | os.PathLike) -> Path:
         raise ExplorerError("No workspace given; pass a workspace name or folder")
     p = Path(s).expanduser()
     if os.sep in s or p.is_absolute() or s.startswith("."):
-        return p.resolve()
-    if not _NAME_RE.match(s):
+        root = p.resolve()
+    elif not _NAME_RE.match(s):
         raise ExplorerError(f"Bad workspace name '{s}': use letters, digits, '_', '-', '.'")
-    return workspaces_home() / s
+    else:
+        root = workspaces_home() / s
+    _require_utf8("workspace path", str(root))
+    return root
 
 
 def workspace_from_url(value: object) -> Workspace:
@@ -169,6 +182,7 @@ class Workspace:
         Reusing a folder with different settings is refused so nothing built is mixed up."""
         if mode not in MODES:
             raise ExplorerError(f"Unknown embedding mode '{mode}'; use one of {', '.join(MODES)}")
+        _require_utf8("image folder", str(images))  # stored as given in workspace.toml
         root = resolve_workspace(name_or_path)
         ws = cls(root=root, model=model, layer=layer, images=str(images), input_size=input_size,
                  mode=mode, seed=seed, device=device)

@@ -198,6 +198,9 @@ class LoadedModel:
     interpolation: Image.Resampling = Image.Resampling.BILINEAR
     _layers: list[LayerInfo] | None = field(default=None, repr=False)
 
+    # larger resized images are never materialised by geometry() (memory bounded by the output)
+    MAX_RESIZED_PIXELS = 4_000_000
+
     # ---- preprocessing ---------------------------------------------------------------------
     @property
     def crop_size(self) -> int:
@@ -211,16 +214,31 @@ class LoadedModel:
     def geometry(self, image: Image.Image) -> torch.Tensor:
         """Resize the shorter side to ``resize``, center-crop ``input_size``.
 
+        The work is bounded by the output size, whatever the aspect ratio: when the resized
+        image would exceed ``MAX_RESIZED_PIXELS`` (4 Mpx), only the ``S x S`` crop is
+        resampled (its box mapped back to source pixels, ``Image.resize(..., box=...)``), so a
+        1 000 000 x 16 px image no longer becomes a 16 000 000 x 256 px intermediate. Every
+        other image takes the plain resize-then-crop path, bit-identical to earlier builds
+        (the box path samples the same positions with the same filter but runs Pillow's two
+        passes in another order, which can change a pixel by a rounding step).
+
         Returns a float tensor ``(3, S, S)`` in ``[0, 1]`` (CPU)."""
-        image = image.convert("RGB")
+        if image.mode != "RGB":  # (convert would copy an RGB image too)
+            image = image.convert("RGB")
         w, h = image.size
+        s = self.input_size
         scale = self.resize / min(w, h)
-        nw, nh = max(self.input_size, round(w * scale)), max(self.input_size, round(h * scale))
-        if (nw, nh) != (w, h):
-            image = image.resize((nw, nh), self.interpolation)
-        left = (nw - self.input_size) // 2
-        top = (nh - self.input_size) // 2
-        image = image.crop((left, top, left + self.input_size, top + self.input_size))
+        nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
+        left = (nw - s) // 2
+        top = (nh - s) // 2
+        if nw * nh > self.MAX_RESIZED_PIXELS:
+            sx, sy = w / nw, h / nh  # the crop box of the resized image, in source pixels
+            image = image.resize((s, s), self.interpolation,
+                                 box=(left * sx, top * sy, (left + s) * sx, (top + s) * sy))
+        else:
+            if (nw, nh) != (w, h):
+                image = image.resize((nw, nh), self.interpolation)
+            image = image.crop((left, top, left + s, top + s))
         arr = np.asarray(image, dtype=np.float32) / 255.0
         return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
