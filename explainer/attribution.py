@@ -15,13 +15,23 @@ import torch
 from torch import nn
 
 from explorer_core.errors import ExplorerError
-from explorer_core.hooks import attribution_copy
+from explorer_core.hooks import (
+    AttributionModel,
+    PerCallCopies,
+    forward_hooks,
+    prepare_for_attribution,
+)
 from explorer_core.models import LoadedModel, capture_layer
 
 __all__ = [
+    "COMPLETENESS_TOLERANCE",
     "METHODS",
     "VARIANTS",
     "attribute",
+    "attribution_model",
+    "completeness_error",
+    "completeness_warning",
+    "deeplift_completeness",
     "pixel_scores",
     "scale_by_scores",
     "pixel_rows",
@@ -33,17 +43,27 @@ METHODS = ("deeplift", "grad_x_act", "deeplift_smoothgrad")
 VARIANTS = ("paper", "reference")
 SMOOTHGRAD_SAMPLES = 20
 SMOOTHGRAD_STDEV = 0.25
+COMPLETENESS_TOLERANCE = 1e-2
+"""Largest relative DeepLift completeness error taken as float rounding; above it the
+attributions are wrong (a nonlinearity captum cannot see) and explanations warn."""
 
-_copies: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
+_prepared: weakref.WeakKeyDictionary[nn.Module, AttributionModel] = weakref.WeakKeyDictionary()
+
+
+def attribution_model(lm: LoadedModel) -> AttributionModel:
+    """The model copy with unshared, non-inplace nonlinearities (made once per model; see
+    :func:`explorer_core.hooks.prepare_for_attribution`), probed on a seeded random image."""
+    prepared = _prepared.get(lm.model)
+    if prepared is None:
+        s = lm.input_size
+        probe = torch.rand(1, 3, s, s, generator=torch.Generator().manual_seed(0))
+        prepared = prepare_for_attribution(lm.model, lm.normalize(probe.to(lm.device)))
+        _prepared[lm.model] = prepared
+    return prepared
 
 
 def _attribution_model(lm: LoadedModel) -> nn.Module:
-    """The model copy with unshared, non-inplace activations (made once per model)."""
-    clone = _copies.get(lm.model)
-    if clone is None:
-        clone = attribution_copy(lm.model)
-        _copies[lm.model] = clone
-    return clone
+    return attribution_model(lm).model
 
 
 def check_method(method: str) -> None:
@@ -103,6 +123,10 @@ def attribute(lm: LoadedModel, pixels: torch.Tensor, layer: str,
     lm.module(layer)  # validates the name
     model = _attribution_model(lm)
     module = dict(model.named_modules())[layer]
+    if isinstance(module, PerCallCopies):
+        # a module called k times: its output is that of its last call, as hooks on the loaded
+        # model (catalog embeddings, capture_layer) see it
+        module = module.copies[-1]
     targets = torch.as_tensor(np.asarray(targets), dtype=torch.long)
     n = len(pixels)
     if len(targets) != n:
@@ -123,16 +147,17 @@ def attribute(lm: LoadedModel, pixels: torch.Tensor, layer: str,
             acts = store["out"].detach()
         elif method == "deeplift":
             base = lm.white_baseline(x.shape)
-            with capture_layer(model, module) as store:
+            outs: list[torch.Tensor] = []
+            with forward_hooks([(module, _appender(outs))]):
                 res = LayerDeepLift(model, module).attribute(
                     x, baselines=base, target=t, return_convergence_delta=return_delta)
             attr, delta = (res if return_delta else (res, None))
-            both = store["out"].detach()
-            if len(both) == 2 * b:  # captum forwards cat(x, baseline)
-                acts = both[:b]
+            if outs and len(outs[0]) == 2 * b:  # captum's first forward: cat(x, baseline)
+                acts = outs[0][:b]
             else:
                 with torch.inference_mode():
                     _, acts = _forward_acts(model, module, x)
+            del outs
             if delta is not None:
                 delta_out.append(delta.detach().float().cpu())
         else:
@@ -154,6 +179,55 @@ def attribute(lm: LoadedModel, pixels: torch.Tensor, layer: str,
     if return_delta:
         return (*result, torch.cat(delta_out))
     return result
+
+
+def deeplift_completeness(lm: LoadedModel, pixels: torch.Tensor, layer: str,
+                          targets: Sequence[int] | torch.Tensor, *, batch_size: int = 32
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepLift's completeness at ``layer`` on ``pixels`` (B, 3, S, S) in [0, 1] (white
+    baseline, logit ``targets[i]``).
+
+    Returns
+    -------
+    delta : (B,) float32, CPU
+        captum's convergence delta ``sum(attr) - (f(x) - f(baseline))``.
+    gap : (B,) float32, CPU
+        ``f(x) - f(baseline)``, what the attributions should add up to.
+    """
+    _, attr, delta = attribute(lm, pixels, layer, targets, "deeplift", batch_size=batch_size,
+                               return_delta=True)
+    return delta, attr.flatten(1).sum(1) - delta
+
+
+def completeness_error(delta: np.ndarray | torch.Tensor, gap: np.ndarray | torch.Tensor
+                       ) -> float | None:
+    """Relative completeness error of DeepLift over images: ``sum_i |delta_i| / sum_i |gap_i|``
+    (``delta``, ``gap`` (N,) from :func:`deeplift_completeness`); a ratio of sums, so images whose
+    logit barely moves from the baseline do not dominate. ``None`` for no images."""
+    d = np.abs(np.asarray(delta, dtype=np.float64))
+    g = np.abs(np.asarray(gap, dtype=np.float64))
+    if d.size == 0:
+        return None
+    return float(d.sum() / max(g.sum(), 1e-12))
+
+
+def completeness_warning(error: float | None, layer: str, method: str) -> str | None:
+    """The warning for a DeepLift completeness ``error`` above :data:`COMPLETENESS_TOLERANCE`
+    (else ``None``)."""
+    if error is None or not error > COMPLETENESS_TOLERANCE:
+        return None
+    return (f"{method} attributions at layer '{layer}' do not add up to the logit change from "
+            f"the baseline (relative completeness error {error:.1%}): the model has "
+            "nonlinearities captum's DeepLift cannot see (functional calls such as F.relu, or "
+            "modules used more than once), so these attributions are wrong. Use method "
+            "grad_x_act (--method grad_x_act), or give the model one nn.ReLU module per use")
+
+
+def _appender(outs: list[torch.Tensor]) -> Callable[[nn.Module, object, torch.Tensor], None]:
+    """A forward hook appending each (detached) output to ``outs``."""
+    def hook(_m: nn.Module, _i: object, out: torch.Tensor) -> None:
+        outs.append(out.detach())
+    return hook
 
 
 def _forward_acts(model: nn.Module, module: nn.Module, x: torch.Tensor

@@ -197,6 +197,12 @@ class Explanation:
         Per-pixel concept strengths (NMF ``W``) over the source images, zero where filtered out.
     reconstruction_error : float
         Frobenius ``||V - W H||`` of the NMF, relative to ``||V||``.
+    completeness_error : float or None
+        DeepLift's relative completeness error on the attributed images (of A, and of B for a
+        contrast): ``sum |sum(attr) - (f(x) - f(baseline))| / sum |f(x) - f(baseline)|`` over
+        the images, ``f`` the target logit. Float rounding gives about 1e-6; above 1e-2 the
+        attributions are wrong and ``warnings`` says so. For ``deeplift_smoothgrad``, that of
+        plain DeepLift on the same images; ``None`` for ``grad_x_act``.
     """
 
     model: str
@@ -213,6 +219,7 @@ class Explanation:
     prediction_test_excluded: PredictionTestResult | None = None
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    completeness_error: float | None = None
 
     @property
     def n_concepts(self) -> int:
