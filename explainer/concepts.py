@@ -24,13 +24,12 @@ from explorer_core.models import LoadedModel
 from explorer_core.results import Concept, Explanation
 
 from .attribution import (
-    attribute,
+    attribute_checked,
     check_method,
     check_nonnegative,
     check_variant,
     completeness_error,
     completeness_warning,
-    deeplift_completeness,
     pixel_rows,
     pixel_scores,
     scale_by_scores,
@@ -225,21 +224,12 @@ def attribute_classes(ctx: ExplainContext, classes: Sequence[int], *, method: st
                 if progress:
                     progress("attribution", (start + done) / len(ids))
 
-            tgt = targets[start:start + chunk]
-            if method == "deeplift":
-                acts, attr, delta = attribute(ctx.lm, pix, ctx.layer, tgt, method,
-                                              batch_size=batch_size, progress=prog,
-                                              return_delta=True)
+            acts, attr, delta, gap = attribute_checked(
+                ctx.lm, pix, ctx.layer, targets[start:start + chunk], method,
+                batch_size=batch_size, progress=prog)
+            if delta is not None and gap is not None:
                 deltas.append(delta.numpy())
-                gaps.append((attr.flatten(1).sum(1) - delta).numpy())
-            else:
-                acts, attr = attribute(ctx.lm, pix, ctx.layer, tgt, method,
-                                       batch_size=batch_size, progress=prog)
-                if method == "deeplift_smoothgrad":
-                    delta, gap = deeplift_completeness(ctx.lm, pix, ctx.layer, tgt,
-                                                       batch_size=batch_size)
-                    deltas.append(delta.numpy())
-                    gaps.append(gap.numpy())
+                gaps.append(gap.numpy())
             acts_all.append(acts.numpy())
             s_p.append(pixel_scores(attr, "paper").numpy())
             s_r.append(pixel_scores(attr, "reference").numpy())

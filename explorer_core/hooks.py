@@ -130,14 +130,18 @@ class Canonizer:
     def applies(self, module: nn.Module) -> bool:
         raise NotImplementedError
 
-    def apply(self, module: nn.Module) -> None:
+    def apply(self, module: nn.Module) -> dict[str, str]:
+        """Rewrite ``module`` in place. Returns aliases ``{child: child}`` (names relative to
+        ``module``): a child no longer called whose output, as seen by hooks on the original
+        model, is now produced by another child."""
         raise NotImplementedError
 
 
 class TorchvisionResNetCanonizer(Canonizer):
     """torchvision ``BasicBlock`` / ``Bottleneck`` call ``self.relu`` two (three) times: they
     get ``relu_1`` (``relu_2``) and ``relu_out`` modules and a forward that uses each once;
-    ``self.relu`` is kept (unused) so state dicts and module names stay the same."""
+    ``self.relu`` is kept (unused) so state dicts and module names stay the same. A hook on the
+    original ``relu`` sees the block output last, so ``relu`` is an alias of ``relu_out``."""
 
     name = "torchvision-resnet"
 
@@ -147,7 +151,7 @@ class TorchvisionResNetCanonizer(Canonizer):
         return (type(module) in (BasicBlock, Bottleneck)
                 and isinstance(getattr(module, "relu", None), nn.ReLU))
 
-    def apply(self, module: nn.Module) -> None:
+    def apply(self, module: nn.Module) -> dict[str, str]:
         from torchvision.models.resnet import Bottleneck
 
         module.relu_1 = nn.ReLU(inplace=False)
@@ -157,6 +161,7 @@ class TorchvisionResNetCanonizer(Canonizer):
             module.forward = types.MethodType(_bottleneck_forward, module)  # type: ignore[method-assign]
         else:
             module.forward = types.MethodType(_basic_forward, module)  # type: ignore[method-assign]
+        return {"relu": "relu_out"}
 
 
 CANONIZERS: list[Canonizer] = [TorchvisionResNetCanonizer()]
@@ -249,6 +254,15 @@ class AttributionModel:
         Nonlinearity modules still called more than once after the rewrite (should be empty).
     warnings : list of str
         What could not be made safe, in words.
+    aliases : dict of str to str
+        Layer names of the original whose output the copy computes in another module
+        (``layer4.1.relu`` -> ``layer4.1.relu_out``); see :meth:`layer`.
+    layer_cuts : dict of str to bool
+        Per layer name, whether every path from input to output passes through it (filled by
+        :func:`explainer.attribution.layer_is_cut`).
+    call_order : list of str
+        Module names in the order their forward completes (filled on first use by
+        :func:`explainer.attribution.completeness_layer`).
     """
 
     model: nn.Module
@@ -256,6 +270,17 @@ class AttributionModel:
     unshared: dict[str, int] = field(default_factory=dict)
     still_reused: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    aliases: dict[str, str] = field(default_factory=dict)
+    layer_cuts: dict[str, bool] = field(default_factory=dict)
+    call_order: list[str] = field(default_factory=list)
+
+    def layer(self, name: str) -> nn.Module:
+        """The copy's module whose output is what a hook on the original's layer ``name`` sees
+        (for a module called several times: its last call)."""
+        module = dict(self.model.named_modules())[self.aliases.get(name, name)]
+        if isinstance(module, PerCallCopies):
+            module = module.copies[-1]
+        return module
 
 
 def _parents_of(root: nn.Module, child: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -303,7 +328,9 @@ def prepare_for_attribution(model: nn.Module, example: torch.Tensor | None = Non
     for name, mod in list(clone.named_modules()):
         for canonizer in CANONIZERS:
             if canonizer.applies(mod):
-                canonizer.apply(mod)
+                aliases = canonizer.apply(mod)
+                prefix = f"{name}." if name else ""
+                out.aliases.update({prefix + k: prefix + v for k, v in aliases.items()})
                 out.canonized.append(f"{name} ({canonizer.name})")
                 break
     for mod in clone.modules():

@@ -200,7 +200,8 @@ class Explanation:
     completeness_error : float or None
         DeepLift's relative completeness error on the attributed images (of A, and of B for a
         contrast): ``sum |sum(attr) - (f(x) - f(baseline))| / sum |f(x) - f(baseline)|`` over
-        the images, ``f`` the target logit. Float rounding gives about 1e-6; above 1e-2 the
+        the images, ``f`` the target logit, ``attr`` at the layer (at the input where a skip
+        connection bypasses the layer). Float rounding gives about 1e-6; above 1e-2 the
         attributions are wrong and ``warnings`` says so. For ``deeplift_smoothgrad``, that of
         plain DeepLift on the same images; ``None`` for ``grad_x_act``.
     """

@@ -292,3 +292,31 @@ def test_completeness_error_is_a_ratio_of_sums():
     assert completeness_error([0.1, -0.1], [1.0, -3.0]) == pytest.approx(0.05)
     assert completeness_error([], []) is None
     assert completeness_error([0.0], [0.0]) == 0.0
+
+
+def test_layers_inside_a_residual_block_are_not_cuts_and_relu_aliases_the_block_output():
+    from explainer.attribution import (
+        attribute,
+        completeness_error,
+        completeness_layer,
+        deeplift_completeness,
+        layer_is_cut,
+    )
+    from explorer_core.models import LoadedModel
+
+    lm = LoadedModel("resnet18", _resnet("resnet18"), torch.device("cpu"), 64, 64,
+                     (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), [str(i) for i in range(10)])
+    assert layer_is_cut(lm, "layer4.1") and layer_is_cut(lm, "layer4.1.relu")
+    assert not layer_is_cut(lm, "layer4.1.bn2")  # the skip connection bypasses it
+    x = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    # inside the block, completeness is measured at the block's input, the previous block
+    assert completeness_layer(lm, "layer4.1.bn2") == "layer4.0"
+    assert completeness_layer(lm, "layer1.0.conv2") == "maxpool"
+    assert completeness_layer(lm, "layer4.1") == "layer4.1"
+    assert completeness_error(*deeplift_completeness(lm, x, "layer4.1.bn2", [1, 2, 3])) < 1e-3
+    # (at the input it would not be: captum's MaxPool rule is not complete)
+    assert completeness_error(*deeplift_completeness(lm, x, "conv1", [1, 2, 3])) > 0.05
+    # torchvision's reused block.relu: a hook on it sees the block output last; so does DeepLift
+    acts, _ = attribute(lm, x, "layer4.1.relu", [1, 2, 3], "deeplift")
+    _, seen = lm.logits_and_activations(x, "layer4.1.relu")
+    assert torch.allclose(acts, seen, atol=1e-5)
