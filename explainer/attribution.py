@@ -139,18 +139,28 @@ def attribute(lm: LoadedModel, pixels: torch.Tensor, layer: str,
         elif method == "deeplift":
             base = lm.white_baseline(x.shape)
             outs: list[torch.Tensor] = []
-            with forward_hooks([(module, _appender(outs))]):
-                res = LayerDeepLift(model, module).attribute(
-                    x, baselines=base, target=t, return_convergence_delta=return_delta)
-            attr, delta = (res if return_delta else (res, None))
-            if outs and len(outs[0]) == 2 * b:  # captum's first forward: cat(x, baseline)
+            logits: list[torch.Tensor] = []
+            with forward_hooks([(module, _appender(outs)), (model, _appender(logits))]):
+                attr = LayerDeepLift(model, module).attribute(x, baselines=base, target=t)
+            if outs and len(outs[0]) == 2 * b:  # captum's one forward: cat(x, baseline)
                 acts = outs[0][:b]
             else:
                 with torch.inference_mode():
                     _, acts = _forward_acts(model, module, x)
-            del outs
-            if delta is not None:
-                delta_out.append(delta.detach().float().cpu())
+            if return_delta:
+                # captum's convergence delta sum(attr) - (f(x) - f(baseline)), from the logits
+                # of the same forward (captum's own recomputes both: two more forwards)
+                if logits and len(logits[0]) == 2 * b:
+                    both = logits[0].float()
+                else:
+                    with torch.inference_mode():
+                        both = torch.cat([model(x), model(base)]).float()
+                rows = torch.arange(b, device=both.device)
+                gap = both[:b][rows, t] - both[b:][rows, t]
+                total = (attr[0] if isinstance(attr, tuple) else attr).detach().float()
+                delta = total.flatten(1).sum(1) - gap
+                delta_out.append(delta.detach().cpu())
+            del outs, logits
         else:
             nt = NoiseTunnel(LayerDeepLift(model, module))
             attr = nt.attribute(x, baselines=lm.white_baseline(x.shape), target=t,
