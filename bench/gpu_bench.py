@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from explainer.attribution import pixel_rows, pixel_scores, scale_by_scores  # noqa: E402
 from explainer.nmf import concept_order, nmf  # noqa: E402
-from explorer_core.hooks import attribution_copy  # noqa: E402
+from explorer_core.hooks import attribution_copy, forward_hooks  # noqa: E402
 
 
 def sync(dev: torch.device) -> None:
@@ -64,8 +64,7 @@ def attribute(model, x, targets, batch: int, smooth: bool, samples: int):
         tb = targets[i:i + batch]
         base = torch.full_like(xb, 2.0)  # white after ImageNet normalisation, roughly
         store = {}
-        h = layer.register_forward_hook(lambda m, a, o, store=store: store.__setitem__("o", o.detach()))
-        try:
+        with forward_hooks([(layer, lambda m, a, o, store=store: store.__setitem__("o", o.detach()))]):
             dl = LayerDeepLift(model, layer)
             if smooth:
                 a = NoiseTunnel(dl).attribute(xb, baselines=base, target=tb, nt_type="smoothgrad",
@@ -75,8 +74,6 @@ def attribute(model, x, targets, batch: int, smooth: bool, samples: int):
                     model(xb)
             else:
                 a = dl.attribute(xb, baselines=base, target=tb)
-        finally:
-            h.remove()
         acts.append(store["o"][:len(xb)].float())
         attrs.append(a.detach().float())
     return torch.cat(acts), torch.cat(attrs)

@@ -138,6 +138,8 @@ def run(argv: Sequence[str] | None = None) -> int:
 
                 expl = contrast_classes(ctx, args.a, args.b, progress=cb,
                                         classifier_solver=args.classifier_solver, **kw)
+        for warning in expl.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
         write_explanation(expl, args.out, ctx.lm, ctx.catalog, args.exclude_target)
         pt, pe = expl.prediction_test, expl.prediction_test_excluded
         print(f"wrote {args.out}: {expl.n_concepts} concepts from {len(expl.image_ids)} images; "

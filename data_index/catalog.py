@@ -60,6 +60,7 @@ import numpy as np
 import torch
 
 from explorer_core.errors import ExplorerError
+from explorer_core.hooks import forward_hooks
 from explorer_core.progress import Meter, Progress, ProgressFn, report
 from explorer_core.results import CropRef
 
@@ -231,12 +232,9 @@ class _Embedder:
         def hook(_m: Any, _i: Any, out: torch.Tensor) -> None:
             store["out"] = reduce(out.float())  # reduce at once: later in-place ops can't touch it
 
-        handle = self.module.register_forward_hook(hook)
-        try:
+        with forward_hooks([(self.module, hook)]):
             x = self.lm.normalize(pixels.to(self.lm.device, torch.float32))
             logits = self.lm.model(x).float()
-        finally:
-            handle.remove()
         if "out" not in store:
             raise ExplorerError("The layer did not run in the forward pass; pick another layer")
         return logits, store["out"]

@@ -6,6 +6,7 @@ Every function takes batches; nothing runs at batch size 1.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Literal, overload
@@ -15,13 +16,21 @@ import torch
 from torch import nn
 
 from explorer_core.errors import ExplorerError
-from explorer_core.hooks import attribution_copy
+from explorer_core.hooks import AttributionModel, forward_hooks, prepare_for_attribution
 from explorer_core.models import LoadedModel, capture_layer
 
 __all__ = [
+    "COMPLETENESS_TOLERANCE",
     "METHODS",
     "VARIANTS",
     "attribute",
+    "attribute_checked",
+    "attribution_model",
+    "completeness_error",
+    "completeness_layer",
+    "completeness_warning",
+    "deeplift_completeness",
+    "layer_is_cut",
     "pixel_scores",
     "scale_by_scores",
     "pixel_rows",
@@ -33,17 +42,24 @@ METHODS = ("deeplift", "grad_x_act", "deeplift_smoothgrad")
 VARIANTS = ("paper", "reference")
 SMOOTHGRAD_SAMPLES = 20
 SMOOTHGRAD_STDEV = 0.25
+COMPLETENESS_TOLERANCE = 1e-2
+"""Largest relative DeepLift completeness error taken as float rounding (about 1e-6 on CPU,
+more with TF32 convolutions on a GPU); above it the attributions are wrong (a nonlinearity
+captum's DeepLift does not handle exactly) and explanations warn."""
 
-_copies: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
+_prepared: weakref.WeakKeyDictionary[nn.Module, AttributionModel] = weakref.WeakKeyDictionary()
 
 
-def _attribution_model(lm: LoadedModel) -> nn.Module:
-    """The model copy with unshared, non-inplace activations (made once per model)."""
-    clone = _copies.get(lm.model)
-    if clone is None:
-        clone = attribution_copy(lm.model)
-        _copies[lm.model] = clone
-    return clone
+def attribution_model(lm: LoadedModel) -> AttributionModel:
+    """The model copy with unshared, non-inplace nonlinearities (made once per model; see
+    :func:`explorer_core.hooks.prepare_for_attribution`), probed on a seeded random image."""
+    prepared = _prepared.get(lm.model)
+    if prepared is None:
+        s = lm.input_size
+        probe = torch.rand(1, 3, s, s, generator=torch.Generator().manual_seed(0))
+        prepared = prepare_for_attribution(lm.model, lm.normalize(probe.to(lm.device)))
+        _prepared[lm.model] = prepared
+    return prepared
 
 
 def check_method(method: str) -> None:
@@ -101,8 +117,8 @@ def attribute(lm: LoadedModel, pixels: torch.Tensor, layer: str,
 
     check_method(method)
     lm.module(layer)  # validates the name
-    model = _attribution_model(lm)
-    module = dict(model.named_modules())[layer]
+    prepared = attribution_model(lm)
+    model, module = prepared.model, prepared.layer(layer)
     targets = torch.as_tensor(np.asarray(targets), dtype=torch.long)
     n = len(pixels)
     if len(targets) != n:
@@ -123,18 +139,29 @@ def attribute(lm: LoadedModel, pixels: torch.Tensor, layer: str,
             acts = store["out"].detach()
         elif method == "deeplift":
             base = lm.white_baseline(x.shape)
-            with capture_layer(model, module) as store:
-                res = LayerDeepLift(model, module).attribute(
-                    x, baselines=base, target=t, return_convergence_delta=return_delta)
-            attr, delta = (res if return_delta else (res, None))
-            both = store["out"].detach()
-            if len(both) == 2 * b:  # captum forwards cat(x, baseline)
-                acts = both[:b]
+            outs: list[torch.Tensor] = []
+            logits: list[torch.Tensor] = []
+            with forward_hooks([(module, _appender(outs)), (model, _appender(logits))]):
+                attr = LayerDeepLift(model, module).attribute(x, baselines=base, target=t)
+            if outs and len(outs[0]) == 2 * b:  # captum's one forward: cat(x, baseline)
+                acts = outs[0][:b]
             else:
                 with torch.inference_mode():
                     _, acts = _forward_acts(model, module, x)
-            if delta is not None:
-                delta_out.append(delta.detach().float().cpu())
+            if return_delta:
+                # captum's convergence delta sum(attr) - (f(x) - f(baseline)), from the logits
+                # of the same forward (captum's own recomputes both: two more forwards)
+                if logits and len(logits[0]) == 2 * b:
+                    both = logits[0].float()
+                else:
+                    with torch.inference_mode():
+                        both = torch.cat([model(x), model(base)]).float()
+                rows = torch.arange(b, device=both.device)
+                gap = both[:b][rows, t] - both[b:][rows, t]
+                total = (attr[0] if isinstance(attr, tuple) else attr).detach().float()
+                delta = total.flatten(1).sum(1) - gap
+                delta_out.append(delta.detach().cpu())
+            del outs, logits
         else:
             nt = NoiseTunnel(LayerDeepLift(model, module))
             attr = nt.attribute(x, baselines=lm.white_baseline(x.shape), target=t,
@@ -154,6 +181,161 @@ def attribute(lm: LoadedModel, pixels: torch.Tensor, layer: str,
     if return_delta:
         return (*result, torch.cat(delta_out))
     return result
+
+
+def layer_is_cut(lm: LoadedModel, layer: str) -> bool:
+    """Whether every path from the input to the logits passes through ``layer``: with the
+    layer's output on a probe image replaced by its output on the baseline, the logits must be
+    the baseline's. Not so inside a residual block (the skip connection bypasses ``bn2``); there
+    DeepLift's attributions at the layer cannot add up to ``f(x) - f(baseline)``. Probed once
+    per model and layer."""
+    prepared = attribution_model(lm)
+    if layer not in prepared.layer_cuts:
+        model, module = prepared.model, prepared.layer(layer)
+        x = _probe(lm)
+        base = lm.white_baseline(x.shape)
+        with torch.no_grad():
+            with capture_layer(model, module) as store:
+                f_base = model(base)
+            a_base = store["out"]
+            with forward_hooks([(module, lambda _m, _i, _o: a_base)]):
+                f_swapped = model(x)
+        prepared.layer_cuts[layer] = bool(torch.allclose(f_swapped, f_base, rtol=1e-4,
+                                                         atol=1e-5))
+    return prepared.layer_cuts[layer]
+
+
+def _probe(lm: LoadedModel) -> torch.Tensor:
+    s = lm.input_size
+    return lm.normalize(torch.rand(1, 3, s, s, generator=torch.Generator().manual_seed(1))
+                        .to(lm.device))
+
+
+def completeness_layer(lm: LoadedModel, layer: str) -> str | None:
+    """Where DeepLift's completeness for ``layer`` is measured: ``layer`` itself when every path
+    passes through it (:func:`layer_is_cut`), else the latest layer of the loaded model that
+    finishes before it and is a cut (the block input, for a layer inside a residual block: its
+    attributions pass through every module after ``layer``), else ``None`` (the input)."""
+    if layer_is_cut(lm, layer):
+        return layer
+    prepared = attribution_model(lm)
+    if not prepared.call_order:
+        order: list[str] = []
+
+        def done(name: str) -> Callable[[nn.Module, object, object], None]:
+            def hook(_m: nn.Module, _i: object, _o: object) -> None:
+                if name not in order:
+                    order.append(name)
+            return hook
+
+        pairs = [(m, done(n)) for n, m in prepared.model.named_modules()
+                 if n and not isinstance(m, torch.jit.ScriptModule)]
+        with forward_hooks(pairs), torch.no_grad():
+            prepared.model(_probe(lm))
+        prepared.call_order = order
+    original = dict(lm.model.named_modules())
+    target = prepared.aliases.get(layer, layer)
+    if target not in prepared.call_order:
+        return None
+    earlier = prepared.call_order[:prepared.call_order.index(target)]
+    for name in reversed(earlier):
+        if name in original and layer_is_cut(lm, name):
+            return name
+    return None
+
+
+def deeplift_completeness(lm: LoadedModel, pixels: torch.Tensor, layer: str,
+                          targets: Sequence[int] | torch.Tensor, *, batch_size: int = 32
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepLift's completeness for ``layer`` on ``pixels`` (B, 3, S, S) in [0, 1] (white
+    baseline, logit ``targets[i]``): of the attributions at :func:`completeness_layer` (``layer``
+    itself when every path passes through it), else at the input; the multipliers from the logit
+    back to ``layer`` are checked either way.
+
+    Returns
+    -------
+    delta : (B,) float32, CPU
+        captum's convergence delta ``sum(attr) - (f(x) - f(baseline))``.
+    gap : (B,) float32, CPU
+        ``f(x) - f(baseline)``, what the attributions should add up to.
+    """
+    at = completeness_layer(lm, layer)
+    if at is not None:
+        _, attr, delta = attribute(lm, pixels, at, targets, "deeplift",
+                                   batch_size=batch_size, return_delta=True)
+        return delta, attr.flatten(1).sum(1) - delta
+    from captum.attr import DeepLift
+
+    lm.module(layer)  # validates the name
+    model = attribution_model(lm).model
+    tgt = torch.as_tensor(np.asarray(targets), dtype=torch.long)
+    deltas, gaps = [], []
+    for start in range(0, len(pixels), batch_size):
+        x = lm.normalize(pixels[start:start + batch_size].to(lm.device, torch.float32))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Setting forward, backward hooks")
+            attr, delta = DeepLift(model).attribute(
+                x.requires_grad_(True), baselines=lm.white_baseline(x.shape),
+                target=tgt[start:start + batch_size].to(lm.device),
+                return_convergence_delta=True)
+        delta = delta.detach().float().cpu()
+        deltas.append(delta)
+        gaps.append(attr.detach().float().cpu().flatten(1).sum(1) - delta)
+    return torch.cat(deltas), torch.cat(gaps)
+
+
+def attribute_checked(lm: LoadedModel, pixels: torch.Tensor, layer: str,
+                      targets: Sequence[int] | torch.Tensor, method: str = "deeplift", *,
+                      batch_size: int = 32, progress: Callable[[int, int], None] | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                 torch.Tensor | None]:
+    """:func:`attribute` plus DeepLift's completeness on the same images
+    (:func:`deeplift_completeness`; free for ``deeplift`` at a layer every path passes through).
+
+    Returns ``(activations, attributions, delta, gap)``; ``delta`` and ``gap`` (B,) are ``None``
+    for ``grad_x_act``."""
+    if method == "deeplift" and completeness_layer(lm, layer) == layer:
+        acts, attr, delta = attribute(lm, pixels, layer, targets, method, batch_size=batch_size,
+                                      progress=progress, return_delta=True)
+        return acts, attr, delta, attr.flatten(1).sum(1) - delta
+    acts, attr = attribute(lm, pixels, layer, targets, method, batch_size=batch_size,
+                           progress=progress)
+    if method == "grad_x_act":
+        return acts, attr, None, None
+    delta, gap = deeplift_completeness(lm, pixels, layer, targets, batch_size=batch_size)
+    return acts, attr, delta, gap
+
+
+def completeness_error(delta: np.ndarray | torch.Tensor, gap: np.ndarray | torch.Tensor
+                       ) -> float | None:
+    """Relative completeness error of DeepLift over images: ``sum_i |delta_i| / sum_i |gap_i|``
+    (``delta``, ``gap`` (N,) from :func:`deeplift_completeness`); a ratio of sums, so images whose
+    logit barely moves from the baseline do not dominate. ``None`` for no images."""
+    d = np.abs(np.asarray(delta, dtype=np.float64))
+    g = np.abs(np.asarray(gap, dtype=np.float64))
+    if d.size == 0:
+        return None
+    return float(d.sum() / max(g.sum(), 1e-12))
+
+
+def completeness_warning(error: float | None, layer: str, method: str) -> str | None:
+    """The warning for a DeepLift completeness ``error`` above :data:`COMPLETENESS_TOLERANCE`
+    (else ``None``)."""
+    if error is None or not error > COMPLETENESS_TOLERANCE:
+        return None
+    return (f"{method} attributions for layer '{layer}' are wrong: DeepLift's attributions do "
+            "not add up to the logit change from the baseline (relative completeness error "
+            f"{error:.1%}), so the model has nonlinearities captum's DeepLift does not handle "
+            "exactly (functional calls such as F.relu, modules used more than once, or an "
+            "overlapping MaxPool). Use method grad_x_act "
+            "(--method grad_x_act), or give the model one nn.ReLU module per use")
+
+
+def _appender(outs: list[torch.Tensor]) -> Callable[[nn.Module, object, torch.Tensor], None]:
+    """A forward hook appending each (detached) output to ``outs``."""
+    def hook(_m: nn.Module, _i: object, out: torch.Tensor) -> None:
+        outs.append(out.detach())
+    return hook
 
 
 def _forward_acts(model: nn.Module, module: nn.Module, x: torch.Tensor

@@ -29,10 +29,12 @@ from explorer_core.progress import Meter, ProgressFn, report
 from explorer_core.results import Concept, Explanation, read_explanation, save_explanation
 
 from .attribution import (
-    attribute,
+    attribute_checked,
     check_method,
     check_nonnegative,
     check_variant,
+    completeness_error,
+    completeness_warning,
     pixel_rows,
     pixel_scores,
     scale_by_scores,
@@ -205,7 +207,10 @@ def attribute_classes(ctx: ExplainContext, classes: Sequence[int], *, method: st
                       ) -> dict[int, dict[str, np.ndarray]]:
     """Attributed activations of many classes in shared batches (each image attributed towards
     its own predicted class), cached per class. Returns ``{class: {"image_ids", "acts"
-    (N, C, h, w), "s_paper" (N, h, w), "s_reference" (N, h, w)}}``."""
+    (N, C, h, w), "s_paper" (N, h, w), "s_reference" (N, h, w)}}``; for the DeepLift methods also
+    ``"delta"`` (N,) and ``"gap"`` (N,), DeepLift's completeness per image (see
+    :func:`~explainer.attribution.deeplift_completeness`; for ``deeplift_smoothgrad`` that of
+    plain DeepLift on the same images)."""
     check_method(method)
     out: dict[int, dict[str, np.ndarray]] = {}
     todo: list[tuple[int, list[int]]] = []
@@ -220,7 +225,7 @@ def attribute_classes(ctx: ExplainContext, classes: Sequence[int], *, method: st
     if todo:
         ids = [i for _, im in todo for i in im]
         targets = [c for c, im in todo for _ in im]
-        acts_all, s_p, s_r = [], [], []
+        acts_all, s_p, s_r, deltas, gaps = [], [], [], [], []
         chunk = 256  # decode + attribute in chunks to bound memory
         meter = Meter(progress, "attribution", len(ids), "images")
         meter.update(0, force=True)
@@ -230,8 +235,12 @@ def attribute_classes(ctx: ExplainContext, classes: Sequence[int], *, method: st
             def prog(done: int, total: int, start: int = start) -> None:
                 meter.update(start + done)
 
-            acts, attr = attribute(ctx.lm, pix, ctx.layer, targets[start:start + chunk], method,
-                                   batch_size=batch_size, progress=prog)
+            acts, attr, delta, gap = attribute_checked(
+                ctx.lm, pix, ctx.layer, targets[start:start + chunk], method,
+                batch_size=batch_size, progress=prog)
+            if delta is not None and gap is not None:
+                deltas.append(delta.numpy())
+                gaps.append(gap.numpy())
             acts_all.append(acts.numpy())
             s_p.append(pixel_scores(attr, "paper").numpy())
             s_r.append(pixel_scores(attr, "reference").numpy())
@@ -243,6 +252,9 @@ def attribute_classes(ctx: ExplainContext, classes: Sequence[int], *, method: st
             pos += len(im)
             entry = {"image_ids": np.asarray(im, np.int64), "acts": acts_np[sl].copy(),
                      "s_paper": sp[sl].copy(), "s_reference": sr[sl].copy()}
+            if deltas:
+                entry["delta"] = np.concatenate(deltas)[sl].copy()
+                entry["gap"] = np.concatenate(gaps)[sl].copy()
             if cache:
                 _cache.store_arrays(ctx.ws.cache_dir, "attr",
                                     _attr_params(ctx, cls, method, max_images, seed), entry)
@@ -273,6 +285,21 @@ def class_attributions(ctx: ExplainContext, cls: int, *, method: str = "deeplift
     """One class's attributed activations (see :func:`attribute_classes`)."""
     return attribute_classes(ctx, [cls], method=method, max_images=max_images, seed=seed,
                              cache=cache, progress=progress)[int(cls)]
+
+
+def completeness_of(entries: Sequence[dict[str, np.ndarray]], layer: str, method: str,
+                    warnings: list[str]) -> float | None:
+    """DeepLift's relative completeness error over the images of ``entries`` (cached entries of
+    :func:`attribute_classes`; ``None`` for ``grad_x_act``); a warning suggesting
+    ``grad_x_act`` is added to ``warnings`` when it is above tolerance."""
+    if not entries or any("delta" not in e for e in entries):
+        return None
+    err = completeness_error(np.concatenate([e["delta"] for e in entries]),
+                             np.concatenate([e["gap"] for e in entries]))
+    warn = completeness_warning(err, layer, method)
+    if warn and warn not in warnings:
+        warnings.append(warn)
+    return err
 
 
 def activations_checked(ctx: ExplainContext, entry: dict[str, np.ndarray], clamp: bool,
@@ -384,6 +411,7 @@ def explain_class(ws_or_ctx: Any, class_a: int | str, *, n_concepts: int = 4,
     entry = class_attributions(ctx, a, method=method, max_images=max_images, seed=seed,
                                cache=cache, progress=progress)
     timings["attribution"] = time.perf_counter() - t
+    completeness = completeness_of([entry], ctx.layer, method, warnings)
     acts = activations_checked(ctx, entry, clamp, warnings)
     scores = torch.from_numpy(entry["s_paper" if variant == "paper" else "s_reference"])
     X = scale_by_scores(acts, scores)
@@ -391,6 +419,7 @@ def explain_class(ws_or_ctx: Any, class_a: int | str, *, n_concepts: int = 4,
         ctx, X, entry["image_ids"].tolist(), class_a=a, class_b=None, n=n_concepts, m=m,
         solver=solver, seed=seed, params=params, warnings=warnings, timings=timings,
         progress=progress)
+    expl.completeness_error = completeness
     if cache:
         _cache.store(ctx.ws.cache_dir, "explain", params, lambda d: save_explanation(expl, d))
     return expl

@@ -95,16 +95,20 @@ def contrast_scale(activations: torch.Tensor, weight: np.ndarray | torch.Tensor,
 
 def class_contrast_pixels(ctx: Any, cls: int, *, method: str = "deeplift", variant: str = "paper",
                           max_images: int = 500, seed: int = 0, cache: bool = True,
-                          clamp: bool = False, warnings: list[str] | None = None
+                          clamp: bool = False, warnings: list[str] | None = None,
+                          completeness: list[dict[str, np.ndarray]] | None = None
                           ) -> torch.Tensor:
     """The class's contrast pixels (k, C): unscaled activations of pixels with ``s > 0`` and
     ``s >= 0.25 * max(s of the image)`` over its images (derived from the per-class cached
-    attribution)."""
+    attribution). DeepLift's per-image completeness (``delta``, ``gap``) of the class's images
+    is appended to ``completeness`` when given."""
     from .attribution import contrast_filter
     from .concepts import activations_checked, class_attributions
 
     entry = class_attributions(ctx, cls, method=method, max_images=max_images, seed=seed,
                                cache=cache)
+    if completeness is not None:
+        completeness.append({k: entry[k] for k in ("delta", "gap") if k in entry})
     acts = activations_checked(ctx, entry, clamp, warnings if warnings is not None else [])
     scores = torch.from_numpy(entry["s_paper" if variant == "paper" else "s_reference"])
     return contrast_filter(acts, scores)
@@ -146,6 +150,7 @@ def contrast_classes(ws_or_ctx: Any, class_a: int | str, class_b: int | str, *,
         _check_params,
         activations_checked,
         class_attributions,
+        completeness_of,
         explanation_from_activations,
         get_context,
         resolve_class,
@@ -180,9 +185,11 @@ def contrast_classes(ws_or_ctx: Any, class_a: int | str, class_b: int | str, *,
     kw: dict[str, Any] = dict(method=method, variant=variant, max_images=max_images, seed=seed,
                               cache=cache, clamp=clamp, warnings=warnings)
     report(progress, "attribution", 0, 2, "classes")
-    xa = class_contrast_pixels(ctx, a, **kw)
-    xb = class_contrast_pixels(ctx, b, **kw)
+    parts: list[dict[str, np.ndarray]] = []
+    xa = class_contrast_pixels(ctx, a, completeness=parts, **kw)
+    xb = class_contrast_pixels(ctx, b, completeness=parts, **kw)
     timings["attribution"] = time.perf_counter() - t
+    completeness = completeness_of(parts, ctx.layer, method, warnings)
     clf = train_classifier(xa, xb, class_a=a, class_b=b, solver=classifier_solver,
                            epochs=epochs, lr=lr, device=ctx.lm.device)
     timings["classifier"] = clf.seconds
@@ -204,6 +211,7 @@ def contrast_classes(ws_or_ctx: Any, class_a: int | str, class_b: int | str, *,
         solver=solver, seed=seed, params=params, warnings=warnings, timings=timings,
         progress=progress)
     expl.classifier = clf
+    expl.completeness_error = completeness
     if cache:
         _cache.store(ctx.ws.cache_dir, "contrast", key_params, lambda d: save_explanation(expl, d))
     return expl

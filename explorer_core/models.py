@@ -37,6 +37,7 @@ from PIL import Image
 from torch import nn
 
 from .errors import ExplorerError
+from .hooks import forward_hooks
 
 __all__ = [
     "KNOWN_SPECS",
@@ -299,7 +300,6 @@ class LoadedModel:
             return self._layers
         found: dict[str, tuple[tuple[int, int, int], bool]] = {}
         order: list[str] = []
-        handles = []
 
         def make_hook(name: str) -> Callable:
             def hook(_m: nn.Module, _i: object, out: object) -> None:
@@ -313,20 +313,15 @@ class LoadedModel:
                     found[name] = ((c, h, w), nonneg)
             return hook
 
-        for name, mod in self.model.named_modules():
-            if name and not isinstance(mod, torch.jit.ScriptModule):
-                # TorchScript modules refuse forward hooks: they have no candidate layers
-                handles.append(mod.register_forward_hook(make_hook(name)))
+        # TorchScript modules refuse forward hooks: they have no candidate layers
+        pairs = [(mod, make_hook(name)) for name, mod in self.model.named_modules()
+                 if name and not isinstance(mod, torch.jit.ScriptModule)]
         gen = torch.Generator().manual_seed(0)
         s = self.input_size
         probe = torch.cat([torch.rand(2, 3, s, s, generator=gen), torch.ones(1, 3, s, s),
                            torch.zeros(1, 3, s, s)])
-        try:
-            with torch.no_grad():
-                self.model(self.normalize(probe.to(self.device)))
-        finally:
-            for h in handles:
-                h.remove()
+        with forward_hooks(pairs), torch.no_grad():
+            self.model(self.normalize(probe.to(self.device)))
         rec = self.recommended_layer
         self._layers = [LayerInfo(n, found[n][0], found[n][1], n == rec) for n in order]
         return self._layers
@@ -350,11 +345,8 @@ def capture_layer(model: nn.Module, module: nn.Module) -> Iterator[dict[str, tor
     def hook(_m: nn.Module, _i: object, out: torch.Tensor) -> None:
         store["out"] = out
 
-    handle = module.register_forward_hook(hook)
-    try:
+    with forward_hooks([(module, hook)]):
         yield store
-    finally:
-        handle.remove()
 
 
 # --------------------------------------------------------------------------------------------

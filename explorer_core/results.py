@@ -245,6 +245,13 @@ class Explanation:
         Per-pixel concept strengths (NMF ``W``) over the source images, zero where filtered out.
     reconstruction_error : float
         Frobenius ``||V - W H||`` of the NMF, relative to ``||V||``.
+    completeness_error : float or None
+        DeepLift's relative completeness error on the attributed images (of A, and of B for a
+        contrast): ``sum |sum(attr) - (f(x) - f(baseline))| / sum |f(x) - f(baseline)|`` over
+        the images, ``f`` the target logit, ``attr`` at the layer (at the input where a skip
+        connection bypasses the layer). Float rounding gives about 1e-6; above 1e-2 the
+        attributions are wrong and ``warnings`` says so. For ``deeplift_smoothgrad``, that of
+        plain DeepLift on the same images; ``None`` for ``grad_x_act``.
     """
 
     model: str
@@ -261,6 +268,7 @@ class Explanation:
     prediction_test_excluded: PredictionTestResult | None = None
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    completeness_error: float | None = None
 
     @property
     def n_concepts(self) -> int:
@@ -372,6 +380,8 @@ def explanation_record(expl: Explanation) -> tuple[dict[str, Any], dict[str, np.
         "class_b": None if expl.class_b is None else int(expl.class_b),
         "params": _json_safe(expl.params),
         "reconstruction_error": _finite(expl.reconstruction_error),
+        "completeness_error": (None if expl.completeness_error is None
+                               else _finite(expl.completeness_error)),
         "image_ids": [int(i) for i in expl.image_ids],
         "concepts": [{"index": int(c.index), "importance": _finite(c.importance),
                       "crops": [_crop_record(r) for r in c.crops],
@@ -441,7 +451,9 @@ def explanation_from_record(record: Mapping[str, Any], arrays: Mapping[str, np.n
         prediction_test=tests["prediction_test"],
         prediction_test_excluded=tests["prediction_test_excluded"],
         timings={str(k): _num(v) for k, v in timings.items()},
-        warnings=[str(w) for w in record.get("warnings") or []])
+        warnings=[str(w) for w in record.get("warnings") or []],
+        completeness_error=(None if record.get("completeness_error") is None
+                            else _num(record["completeness_error"])))
 
 
 def save_explanation(expl: Explanation, folder: str | os.PathLike) -> list[Path]:

@@ -131,10 +131,15 @@ def test_explain_page_crops_toggle_and_prediction_test(demo_ws):
     assert not at.exception, at.exception
     caps = _crop_captions(at)
     assert len(caps) == 4 * 8
-    assert len(at.popover) >= 32 if hasattr(at, "popover") else True
-    mark = [s.value for s in at.success] + [e.value for e in at.error]
-    assert any(v.startswith("PASS") for v in mark) or any(
-        v.startswith("FAIL") and "not to be trusted" in v for v in mark)
+    # every crop has its provenance (in its "where from" popover): crop id, both predictions
+    prov = [m.value for m in at.markdown if m.value.startswith("**crop ")]
+    assert sorted(int(v.split("**")[1].split()[1]) for v in prov) == sorted(
+        int(c[1:]) for c in caps)
+    assert all("crop predicted:" in v and "image predicted:" in v for v in prov)
+    # the demo's lupo (and every demo class, README) passes the prediction test
+    assert [e.value for e in at.error] == []
+    assert any(s.value.startswith(f"PASS — the stitched top crops are classified as "
+                                  f"**{names[a]}**") for s in at.success)
     assert at.query_params["a"] in (names[a], [names[a]])
     # exclusion re-renders from the same Explanation: other crops, still 8 per concept
     at.toggle(key="ex_excl").set_value(True).run()
@@ -176,9 +181,20 @@ def test_test_bench_stitch_and_bad_input(demo_ws):
     at = _app(ws="demo", t=names[a], a=names[a], b=names[b])
     at.switch_page("pages/test_bench.py").run()
     assert not at.exception, at.exception
-    at.text_input(key="tb_typed").input("0, 1, 2").run()
-    mark = [s.value for s in at.success] + [e.value for e in at.error]
-    assert any(v.startswith(("PASS", "FAIL")) for v in mark)
+    # the top-1 crops of the class's explanation (the explain page's defaults) pass on the
+    # bench as they do on the explain page, with the same P(A)
+    from explainer.concepts import explain_class
+
+    expl = explain_class(demo_ws, a, n_concepts=4, method="deeplift", max_images=500, seed=0,
+                         m=8, device="cpu")
+    top = [c.crops[0].crop_id for c in expl.concepts]
+    at.text_input(key="tb_typed").input(", ".join(map(str, top))).run()
+    assert [e.value for e in at.error] == []
+    pt = expl.prediction_test
+    assert pt is not None and pt.passed and pt.crop_ids == top
+    assert any(s.value.startswith(f"PASS — the stitched crops are classified as **{names[a]}** "
+                                  f"(P({names[a]}) = {pt.prob_target:.3f})")
+               for s in at.success), [s.value for s in at.success]
     at.text_input(key="tb_typed").input("0, x1").run()
     assert any("whole numbers" in e.value for e in at.error)
     # patch insertion: a catalog crop into images predicted as B

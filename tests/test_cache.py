@@ -202,17 +202,17 @@ def test_atomic_folder_keeps_the_old_folder_when_writing_fails(tmp_path):
 
 @pytest.fixture
 def attribution_calls(monkeypatch):
-    """Counts calls of the attribution (``explainer.concepts.attribute``)."""
+    """Counts calls of the attribution (``explainer.concepts.attribute_checked``)."""
     import explainer.concepts as concepts
 
     calls = []
-    real = concepts.attribute
+    real = concepts.attribute_checked
 
     def counting(*args, **kwargs):
         calls.append(len(args[1]))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(concepts, "attribute", counting)
+    monkeypatch.setattr(concepts, "attribute_checked", counting)
     return calls
 
 

@@ -20,6 +20,7 @@ from explorer_core.demo_cnn import (
     build_demo_model,
     load_demo,
 )
+from explorer_core.hooks import forward_hooks
 
 RECORD_PATH = WEIGHTS_PATH.parent / "RECORD.json"
 N_BG = len(world.BACKGROUNDS)
@@ -215,11 +216,10 @@ def test_model_relus_are_distinct_and_layer_shapes() -> None:
     layer = dict(model.named_modules())[DEMO_LAYER]
     assert isinstance(layer, torch.nn.ReLU)
     shapes: list[tuple[int, ...]] = []
-    handle = layer.register_forward_hook(lambda _m, _i, o: shapes.append(tuple(o.shape)))
-    with torch.no_grad():
+    with forward_hooks([(layer, lambda _m, _i, o: shapes.append(tuple(o.shape)))]), \
+            torch.no_grad():
         for hw in [(96, 96), (32, 32), (128, 32)]:
             assert model(torch.randn(2, 3, *hw)).shape == (2, len(world.CLASSES))
-    handle.remove()
     assert shapes == [(2, 192, 6, 6), (2, 192, 2, 2), (2, 192, 8, 2)]
 
 
@@ -260,13 +260,10 @@ def test_layer_output_non_negative_on_real_images() -> None:
     model = load_demo()[0]
     arr = world.generate_arrays(2, seed=0, split="heldout")
     out: list[torch.Tensor] = []
-    handle = dict(model.named_modules())[DEMO_LAYER].register_forward_hook(
-        lambda _m, _i, o: out.append(o)
-    )
-    with torch.no_grad():
+    layer = dict(model.named_modules())[DEMO_LAYER]
+    with forward_hooks([(layer, lambda _m, _i, o: out.append(o))]), torch.no_grad():
         model(to_tensor(arr.images))
         model(to_tensor(arr.images[:, :32, :32]))
-    handle.remove()
     assert out[0].shape == (20, 192, 6, 6) and out[1].shape == (20, 192, 2, 2)
     assert all(float(o.min()) >= 0.0 and float(o.max()) > 0.0 for o in out)
 

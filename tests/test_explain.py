@@ -93,8 +93,8 @@ def test_cache_reuses_attribution_for_other_n(ctx, big_class, monkeypatch, tmp_p
     # the shared catalog with an empty cache folder of its own (ws.cache_dir = tmp_path/cache)
     ctx = ExplainContext(dataclasses.replace(ctx.ws, root=tmp_path), ctx.lm, ctx.catalog)
     calls = []
-    real = concepts.attribute
-    monkeypatch.setattr(concepts, "attribute",
+    real = concepts.attribute_checked
+    monkeypatch.setattr(concepts, "attribute_checked",
                         lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
     kw = dict(method="grad_x_act", max_images=6)
     cache.reset_stats()

@@ -52,7 +52,20 @@ def test_unknown_layer_lists_candidates(lite0):
 def test_parse_spec_round_trip(spec):
     assert str(parse_spec(spec)) == spec
     assert parse_spec(str(parse_spec(spec))) == parse_spec(spec)
-    assert len(KNOWN_SPECS) >= 10
+
+
+def test_every_listed_spec_form_parses_and_is_named_in_errors():
+    filled = [k.replace("[:WEIGHTS]", "").replace("CHECKPOINT", "/c.pt").replace("FILE", "/m.pt")
+              .replace("ARCH", "resnet18").replace("STATE_DICT", "/s.pth") for k in KNOWN_SPECS]
+    parsed = [parse_spec(f) for f in filled]
+    assert [str(p) for p in parsed] == filled
+    assert {p.kind for p in parsed} == {"demo", "lite", "resnet", "resnet50_robust",
+                                        "torchscript", "timm", "torchvision"}
+    assert {p.arch for p in parsed if p.kind == "lite"} == {
+        "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"}
+    with pytest.raises(ExplorerError) as e:
+        parse_spec("resnet5O")
+    assert all(k in str(e.value) for k in KNOWN_SPECS)
 
 
 def test_lite0_candidate_layers(lite0):
@@ -117,3 +130,57 @@ def test_torchscript_file_loads(tmp_path):
     assert lm.candidate_layers() == [] and lm.recommended_layer is None
     with pytest.raises(ExplorerError, match="TorchScript"):
         lm.module("conv")
+
+
+def test_resnet50_robust_checkpoint_keys_are_stripped(tmp_path):
+    """A Madry-lab ``robustness`` checkpoint: ``{"model": state, "epoch", ...}`` whose state
+    holds ``module.model.*`` (the network), ``module.attacker.model.*`` (a copy for the attack)
+    and ``module.normalizer.*`` / ``module.attacker.normalize.*`` (mean/std buffers)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet50(weights=None).eval()
+    ref = net.state_dict()
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    state = {"module.normalizer.new_mean": mean.view(3, 1, 1),
+             "module.normalizer.new_std": std.view(3, 1, 1),
+             "module.attacker.normalize.new_mean": mean.view(3, 1, 1),
+             "module.attacker.normalize.new_std": std.view(3, 1, 1)}
+    state.update({f"module.model.{k}": v for k, v in ref.items()})
+    state.update({f"module.attacker.model.{k}": torch.zeros_like(v) for k, v in ref.items()})
+    path = tmp_path / "robust.pt"
+    torch.save({"model": state, "epoch": 90, "schedule": None}, path)
+    lm = load_model(f"resnet50_robust:{path}", "cpu")
+    got = lm.model.state_dict()
+    assert got.keys() == ref.keys()
+    assert all(torch.equal(got[k], ref[k]) for k in ref)  # the network, not the attacker's zeros
+    assert lm.recommended_layer == "layer4.2" and lm.num_classes == 1000
+    assert (lm.input_size, lm.mean, lm.std) == (224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    x = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(lm.logits(x), net(lm.normalize(x)), atol=1e-4)
+    # a checkpoint of another network is refused with the reason
+    torch.save({"model": {"module.model.fc.weight": torch.zeros(10, 2048)}}, path)
+    with pytest.raises(ExplorerError, match="do not fit"):
+        load_model(f"resnet50_robust:{path}", "cpu")
+
+
+@pytest.mark.parametrize("spec,size,resize", [("efficientnet_lite1", 240, 272),
+                                              ("efficientnet_lite2", 260, 292)])
+def test_lite1_lite2_load_real_weights_and_classify_photos(spec, size, resize, shared_data):
+    import csv
+
+    from PIL import Image
+
+    lm = load_model(spec, "cpu")
+    assert (lm.input_size, lm.resize, lm.crop_size) == (size, resize, size // 3)
+    assert lm.recommended_layer == "bn2" and lm.layer_info("bn2").nonnegative
+    assert lm.layer_info("bn2").shape == (1280, (size + 31) // 32, (size + 31) // 32)
+    with (shared_data / "imagenet-samples" / "labels.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))[::50]  # 20 photos of 20 classes
+    pixels = torch.stack([lm.geometry(Image.open(shared_data / "imagenet-samples" / r["file"]))
+                          for r in rows])
+    assert pixels.shape == (20, 3, size, size)
+    pred = lm.logits(pixels).argmax(dim=1).tolist()
+    hits = sum(int(p == int(r["label"])) for p, r in zip(pred, rows))
+    assert hits >= 16, (hits, pred)  # lite0 gets 85 % of these photos; lite1/2 are stronger
