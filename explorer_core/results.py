@@ -61,6 +61,7 @@ __all__ = [
     "PredictionTestResult",
     "ShiftTestResult",
     "PatchTestResult",
+    "Synthesis",
     "to_jsonable",
     "EXPLANATION_FORMAT",
     "EXPLANATION_VERSION",
@@ -474,3 +475,52 @@ def read_explanation(folder: str | os.PathLike) -> Explanation:
     if not isinstance(record, dict):
         raise ValueError(f"{folder / EXPLANATION_JSON} is not an object")
     return explanation_from_record(record, read_npz(folder / EXPLANATION_ARRAYS))
+
+
+@dataclass
+class Synthesis:
+    """A concept synthesised by optimisation (method.md §10): an image whose activations at
+    ``layer`` align with ``direction``.
+
+    Attributes
+    ----------
+    layer : str
+        The layer the direction lives in.
+    direction : ndarray (C,)
+        The concept vector optimised for, unit norm.
+    image : ndarray (S, S, 3) uint8
+        The synthesised image (before the model's normalisation).
+    alignment : float
+        Cosine between the image's spatially averaged activation at ``layer`` and ``direction``;
+        higher is better (1 = the layer sees exactly the concept's direction).
+    alignments : ndarray (n,)
+        The same cosine for every vector it was synthesised with (``synthesize_concepts``: all
+        concepts, its own at ``index``; ``synthesize(..., others=...)``: its own first).
+    index : int
+        Position of ``direction`` among those vectors.
+    steps : int
+        Optimisation steps run.
+    seconds : float
+        Wall time of the optimisation per image (a batch's time divided by its images).
+    params : dict
+        ``seed``, ``size``, ``steps``, ``lr``, ``objective``, ``cos_power`` (p), ``batch``,
+        ``polish``: all that changes the image.
+    """
+
+    layer: str
+    direction: np.ndarray
+    image: np.ndarray = field(repr=False)
+    alignment: float
+    alignments: np.ndarray
+    index: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+    params: dict[str, Any] = field(default_factory=dict)
+    higher_is_better: bool = True
+
+    @property
+    def margin(self) -> float:
+        """Own alignment minus the largest alignment with any other vector; > 0 when the image
+        aligns with its own concept more than with any other."""
+        others = np.delete(self.alignments, self.index)
+        return float(self.alignment - others.max()) if others.size else float(self.alignment)
