@@ -44,7 +44,7 @@ from .nmf import SOLVERS, concept_order, nmf
 
 __all__ = ["ExplainContext", "explain_class", "resolve_class", "class_images",
            "class_attributions", "attribute_classes", "explanation_from_activations",
-           "MAX_CONCEPTS"]
+           "explanation_from_concepts", "MAX_CONCEPTS"]
 
 MAX_CONCEPTS = 10
 
@@ -338,12 +338,28 @@ def explanation_from_activations(ctx: ExplainContext, X: torch.Tensor, image_ids
     full = np.zeros((N * h * w, n), np.float32)
     full[keep.numpy()] = W
     heatmaps = full.reshape(N, h, w, n).transpose(0, 3, 1, 2).copy()
+    return explanation_from_concepts(
+        ctx, H, shares, image_ids, class_a=class_a, class_b=class_b, m=m, heatmaps=heatmaps,
+        reconstruction_error=err, params=params, warnings=warnings, timings=timings,
+        progress=progress)
 
+
+def explanation_from_concepts(ctx: ExplainContext, H: np.ndarray, importance: np.ndarray,
+                              image_ids: Sequence[int], *, class_a: int, class_b: int | None,
+                              m: int, heatmaps: np.ndarray, reconstruction_error: float,
+                              params: dict[str, Any], warnings: list[str],
+                              timings: dict[str, float], progress: ProgressFn | None = None
+                              ) -> Explanation:
+    """The tail shared by every concept extractor (ours, contrast, the CRAFT and random
+    baselines): concept vectors ``H`` (n, C) in the given order with their ``importance`` (n,)
+    -> top-m crops (allowed / excluding A) and the stitched prediction test for A (allowed and
+    excluded). ``heatmaps`` (N, n, h, w) and ``reconstruction_error`` are stored as given."""
+    n = len(H)
     t = time.perf_counter()
     report(progress, "crops", 0, 1, message="nearest crops of each concept")
     allowed = ctx.search.search(H, m=m)
     excluded = ctx.search.search(H, m=m, exclude_class=class_a)
-    concepts = [Concept(index=k, vector=H[k].astype(np.float32), importance=float(shares[k]),
+    concepts = [Concept(index=k, vector=H[k].astype(np.float32), importance=float(importance[k]),
                         crops=allowed[k], crops_excluded=excluded[k]) for k in range(n)]
     timings["crops"] = time.perf_counter() - t
 
@@ -364,7 +380,7 @@ def explanation_from_activations(ctx: ExplainContext, X: torch.Tensor, image_ids
     return Explanation(model=ctx.lm.spec, layer=ctx.layer, class_a=int(class_a),
                        class_b=None if class_b is None else int(class_b), params=params,
                        image_ids=[int(i) for i in image_ids], concepts=concepts,
-                       heatmaps=heatmaps, reconstruction_error=float(err),
+                       heatmaps=heatmaps, reconstruction_error=float(reconstruction_error),
                        prediction_test=pt_allowed, prediction_test_excluded=pt_excluded,
                        timings=timings, warnings=warnings)
 
