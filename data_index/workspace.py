@@ -140,8 +140,10 @@ class Workspace:
 
     @property
     def images_path(self) -> Path:
+        """The image folder, absolute with symbolic links resolved (relative paths are relative
+        to the workspace folder, so a moved workspace keeps its images)."""
         p = Path(self.images).expanduser()
-        return p if p.is_absolute() else (self.root / p).resolve()
+        return (p if p.is_absolute() else self.root / p).resolve()
 
     # ---- persistence -----------------------------------------------------------------------
     def save(self) -> None:

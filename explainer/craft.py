@@ -174,13 +174,12 @@ def craft_activations(ctx: ExplainContext, cls: int, *, max_images: int = 500, s
     S = ctx.lm.input_size
     p, s = _geometry(S, patch_size, stride)
     params = _acts_params(ctx, cls, max_images, seed, p, s, resize_patches)
-    key = _cache.cache_key("craftacts", params)
-    entry = _cache.load_arrays(ctx.ws.cache_dir, key) if cache else None
+    entry = _cache.fetch_arrays(ctx.ws.cache_dir, "craftacts", params) if cache else None
     if entry is None:
         entry = _encode_class(ctx, cls, max_images, seed, p, s, batch_size, resize_patches,
                               clamp, progress)
         if cache:
-            _cache.save_arrays(ctx.ws.cache_dir, key, params, **entry)
+            _cache.store_arrays(ctx.ws.cache_dir, "craftacts", params, entry)
     share = float(entry["neg_share"])
     if share > 0 and not clamp:
         raise ExplorerError(f"Layer '{ctx.layer}' has negative activations on CRAFT's patches "

@@ -43,6 +43,7 @@ __all__ = [
     "KNOWN_SPECS",
     "LayerInfo",
     "LoadedModel",
+    "Predictions",
     "ModelSpec",
     "capture_layer",
     "imagenet_class_names",
@@ -169,6 +170,21 @@ class LayerInfo:
         return f"{self.name}  {c}x{h}x{w}{tag}{neg}"
 
 
+@dataclass(frozen=True)
+class Predictions:
+    """Per-image (or per-crop) predictions as the catalog stores them.
+
+    ``pred`` (B,) int64: the predicted class (segmentation: the non-background class with the
+    largest share of predicted pixels); ``conf`` (B,) float32: its softmax probability (its pixel
+    share); ``top5`` (B, 5) int64: the five best classes; ``shares`` (B, K) float32: the
+    predicted pixel share of every class (segmentation), else None."""
+
+    pred: np.ndarray
+    conf: np.ndarray
+    top5: np.ndarray
+    shares: np.ndarray | None = None
+
+
 @dataclass
 class LoadedModel:
     """A model ready for the method: eval mode, on its device, with its preprocessing.
@@ -185,6 +201,12 @@ class LoadedModel:
         Shorter-side resize before the center crop.
     class_names : list of str
         ``K`` names; index = logit index.
+    task : str
+        ``classification`` (output ``(B, K)`` logits) or ``segmentation`` (output
+        ``(B, K, H, W)`` per-pixel logits); :meth:`summarize` and :meth:`class_scores` hide the
+        difference from the catalog and the faithfulness tests.
+    background_class : int or None
+        Segmentation: the class that is no object (never an image's ``pred``), if any.
     """
 
     spec: str
@@ -197,6 +219,8 @@ class LoadedModel:
     class_names: list[str]
     recommended_layer: str | None = None
     interpolation: Image.Resampling = Image.Resampling.BILINEAR
+    task: str = "classification"
+    background_class: int | None = None
     _layers: list[LayerInfo] | None = field(default=None, repr=False)
 
     # larger resized images are never materialised by geometry() (memory bounded by the output)
@@ -266,6 +290,46 @@ class LoadedModel:
             x = self.normalize(pixels[i:i + batch_size].to(self.device, torch.float32))
             out.append(self.model(x).float().cpu())
         return torch.cat(out) if out else torch.zeros(0, self.num_classes)
+
+    def pixel_shares(self, outputs: torch.Tensor) -> torch.Tensor:
+        """Segmentation outputs ``(B, K, H, W)`` -> ``(B, K)``: the share of each image's pixels
+        predicted (argmax) as each class."""
+        b, k = outputs.shape[:2]
+        pred = outputs.argmax(dim=1).reshape(b, -1)
+        counts = torch.zeros(b, k, dtype=torch.float32, device=outputs.device)
+        counts.scatter_add_(1, pred, torch.ones_like(pred, dtype=torch.float32))
+        return (counts / pred.shape[1]).cpu()
+
+    def scores_from_outputs(self, outputs: torch.Tensor) -> torch.Tensor:
+        """``(B, K)`` class scores of model outputs: softmax probabilities (classification) or
+        predicted pixel shares (segmentation). CPU float32."""
+        if self.task == "segmentation":
+            return self.pixel_shares(outputs.float())
+        return torch.softmax(outputs.float(), dim=1).cpu()
+
+    @torch.no_grad()
+    def class_scores(self, pixels: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """``(B, K)`` scores of ``[0, 1]`` pixels: what the faithfulness tests read (the softmax
+        probability of a class, or for a segmentation model the share of pixels predicted as
+        it)."""
+        out = []
+        for i in range(0, len(pixels), batch_size):
+            x = self.normalize(pixels[i:i + batch_size].to(self.device, torch.float32))
+            out.append(self.scores_from_outputs(self.model(x)))
+        return torch.cat(out) if out else torch.zeros(0, self.num_classes)
+
+    def summarize(self, outputs: torch.Tensor) -> Predictions:
+        """What the catalog stores of one forward's outputs (see :class:`Predictions`)."""
+        scores = self.scores_from_outputs(outputs.detach())
+        ranked = scores.clone()
+        if self.task == "segmentation" and self.background_class is not None \
+                and ranked.shape[1] > 1:
+            ranked[:, self.background_class] = -1.0  # an image is "of" its largest object class
+        conf, pred = ranked.max(dim=1)
+        top = torch.topk(scores, min(5, scores.shape[1]), dim=1).indices
+        return Predictions(pred=pred.numpy().astype(np.int64), conf=conf.numpy().astype(np.float32),
+                           top5=top.numpy().astype(np.int64),
+                           shares=scores.numpy() if self.task == "segmentation" else None)
 
     @torch.no_grad()
     def logits_and_activations(self, pixels: torch.Tensor, layer: str

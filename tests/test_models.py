@@ -184,3 +184,53 @@ def test_lite1_lite2_load_real_weights_and_classify_photos(spec, size, resize, s
     pred = lm.logits(pixels).argmax(dim=1).tolist()
     hits = sum(int(p == int(r["label"])) for p, r in zip(pred, rows))
     assert hits >= 16, (hits, pred)  # lite0 gets 85 % of these photos; lite1/2 are stronger
+
+
+def _tiny_lm(task: str, background: int | None = None):
+    """A LoadedModel around a 1x1-conv 'segmenter' (or its pooled classifier twin)."""
+    import torch
+    from torch import nn
+
+    from explorer_core.models import LoadedModel
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 1)
+    model = conv if task == "segmentation" else nn.Sequential(
+        conv, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return LoadedModel("test", model.eval(), torch.device("cpu"), 8, 8, (0.5,) * 3, (0.25,) * 3,
+                       ["a", "b", "c", "bg"], task=task, background_class=background)
+
+
+def test_segmentation_scores_are_pixel_shares_and_pred_skips_background():
+    import torch
+
+    lm = _tiny_lm("segmentation", background=3)
+    x = torch.rand(2, 3, 8, 8)
+    out = lm.model(lm.normalize(x))
+    argmax = out.argmax(1)
+    shares = lm.class_scores(x)
+    assert shares.shape == (2, 4)
+    for b in range(2):
+        for k in range(4):
+            assert shares[b, k].item() == pytest.approx(float((argmax[b] == k).float().mean()))
+    assert torch.allclose(shares.sum(1), torch.ones(2))
+    p = lm.summarize(out)
+    assert p.shares is not None and p.shares.shape == (2, 4)
+    fg = shares[:, :3]
+    assert p.pred.tolist() == fg.argmax(1).tolist()  # the background never wins
+    assert p.conf.tolist() == pytest.approx(fg.max(1).values.tolist())
+    assert p.top5.shape == (2, 4)
+
+
+def test_classification_summary_is_softmax_argmax():
+    import torch
+
+    lm = _tiny_lm("classification")
+    x = torch.rand(3, 3, 8, 8)
+    logits = lm.model(lm.normalize(x))
+    p = lm.summarize(logits)
+    probs = torch.softmax(logits, 1)
+    assert p.shares is None
+    assert p.pred.tolist() == probs.argmax(1).tolist()
+    assert p.conf.tolist() == pytest.approx(probs.max(1).values.tolist())
+    assert torch.allclose(lm.class_scores(x), probs, atol=1e-6)
