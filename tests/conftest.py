@@ -10,8 +10,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# OpenMP threads that sleep instead of spinning while they wait: on a machine whose few cores are
+# shared (CI runners, parallel sessions) spinning threads made torch steps 4x slower. Set before
+# torch loads its OpenMP runtime.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 NIPS17 = SHARED / "imagenet-nips17"
