@@ -1,0 +1,204 @@
+"""Command line: ``python -m data_index {build,status,search,layers,export}``.
+
+User errors print ``error: <message>`` on stderr and exit with status 2 (no traceback): bad
+arguments are refused by the parser (:mod:`cli.args`) before any work starts, and
+:class:`ExplorerError` / :class:`OSError` from the work are reported the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from explorer_core.errors import ExplorerError
+
+from .args import CliParser, int_range, output_file, positive_int, workspace_arg
+from .common import ProgressBar, open_workspace
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from data_index.workspace import Workspace, resolve_workspace
+    from explorer_core.models import shared_model
+
+    root = resolve_workspace(args.workspace)
+    exists = (root / "workspace.toml").is_file() or args.workspace == "demo"
+    if exists and not (args.model or args.layer or args.images):
+        ws = open_workspace(args.workspace, quiet=args.quiet)
+    else:
+        missing = [f"--{n}" for n in ("model", "images") if not getattr(args, n)]
+        if missing:
+            raise ExplorerError(f"New workspace '{args.workspace}' needs {' and '.join(missing)} "
+                                "(and --layer unless the model's recommended layer will do)")
+        lm = shared_model(args.model, args.device)
+        layer = args.layer or lm.recommended_layer
+        if not layer:
+            raise ExplorerError("Give --layer; see 'python -m data_index layers --model SPEC'")
+        lm.layer_info(layer)
+        ws = Workspace.create(root, model=lm.spec, layer=layer, images=args.images,
+                              input_size=lm.input_size, mode=args.mode or "crop",
+                              device=args.device)
+        return _run_build(ws, args, lm)
+    if args.mode and args.mode != ws.mode:
+        raise ExplorerError(f"Workspace '{ws.name}' uses mode {ws.mode}; create another "
+                            "workspace for another mode")
+    return _run_build(ws, args, None)
+
+
+def _run_build(ws, args: argparse.Namespace, lm) -> int:
+    from data_index.catalog import build_catalog
+    from explorer_core.models import shared_model
+
+    if lm is None:
+        lm = shared_model(ws.model, args.device if args.device != "auto" else ws.device)
+    with ProgressBar(f"catalog {ws.name} ({ws.mode})", args.quiet) as bar:
+        st = build_catalog(ws, batch_size=args.batch_size, progress=bar, limit=args.limit,
+                           model=lm, rebuild=args.rebuild)
+    if st.already_complete:
+        print(f"catalog of '{ws.name}' already complete: {st.n_images} images, "
+              f"{st.n_crops} crops, {st.n_skipped} skipped (use --rebuild to redo)")
+    else:
+        print(f"built catalog of '{ws.name}': {st.n_images} images, {st.n_crops} crops, "
+              f"{st.n_skipped} skipped, {st.chunks_resumed}/{st.n_chunks} chunks resumed, "
+              f"{st.seconds:.1f} s")
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from data_index.catalog import Catalog
+
+    with Catalog.open(open_workspace(args.workspace)) as cat:
+        st = cat.status()
+        counts = st.pop("predicted_counts")
+        if args.json:
+            st["predicted_counts"] = counts
+            st["skipped_files"] = cat.skipped()
+            print(json.dumps(st, indent=2))
+            return 0
+        for k, v in st.items():
+            print(f"{k:14s} {v}")
+        top = sorted(counts.items(), key=lambda kv: -kv[1])[:10]
+        print(f"{'classes':14s} {len(counts)} predicted; most frequent: "
+              + ", ".join(f"{c}:{n}" for c, n in top))
+        for path, reason in cat.skipped()[:20]:
+            print(f"skipped        {path}: {reason}")
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from data_index.catalog import Catalog
+    from data_index.search import CropSearch
+
+    with Catalog.open(open_workspace(args.workspace)) as cat:
+        ids, emb = cat.embeddings()
+        pos = int(np.searchsorted(ids, args.crop_id))
+        if pos >= len(ids) or ids[pos] != args.crop_id:
+            raise ExplorerError(f"No crop {args.crop_id} in the catalog; crop ids are "
+                                "image_id * 9 + row * 3 + col of indexed images")
+        search = CropSearch(cat, kind=args.kind)
+        m = min(args.m, search.ntotal)  # never more results than crops
+        res = search.search(np.asarray(emb[pos:pos + 1]), m=m,
+                            exclude_class=args.exclude_class)[0]
+        print(f"{'rank':>4} {'crop':>8} {'score':>7} {'crop_pred':>9} {'img_pred':>8}  path [box]")
+        for r, c in enumerate(res):
+            print(f"{r:>4} {c.crop_id:>8} {c.score:7.4f} {c.crop_pred:>9} {c.image_pred:>8}  "
+                  f"{_shown(c.path)} {list(c.box)}")
+    return 0
+
+
+def _shown(path: str) -> str:
+    """A path for the terminal: bytes that are not UTF-8 as ``\\xNN`` (print would fail)."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _cmd_layers(args: argparse.Namespace) -> int:
+    from explorer_core.models import shared_model
+
+    lm = shared_model(args.model, args.device)
+    for info in lm.candidate_layers():
+        print(info.label())
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from data_index.catalog import Catalog
+
+    with Catalog.open(open_workspace(args.workspace)) as cat:
+        print(cat.export(args.table, args.out))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = CliParser(prog="python -m data_index",
+                  description="Crop catalog: build, inspect and search.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="create a workspace and build (or resume) its catalog")
+    b.add_argument("--workspace", required=True, type=workspace_arg,
+                   help="workspace name or folder")
+    b.add_argument("--model", help="model spec (e.g. efficientnet_lite0, resnet50:weights.pth)")
+    b.add_argument("--layer", help="hidden layer (default: the model's recommended one)")
+    b.add_argument("--images", help="image folder (recursive; labels.csv or class folders)")
+    b.add_argument("--mode", choices=["crop", "cell"], help="crop embedding mode (default crop)")
+    b.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    b.add_argument("--batch-size", type=positive_int, default=32,
+                   help="images per forward (>= 1; at most one chunk of 256 is stacked)")
+    b.add_argument("--limit", type=positive_int, default=None,
+                   help="index only the first N files (N >= 1)")
+    b.add_argument("--rebuild", action="store_true",
+                   help="delete the catalog and build anew (refused while the workspace is in "
+                        "use by another process)")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=_cmd_build)
+    s = sub.add_parser("status", help="counts, completeness, skipped files")
+    s.add_argument("--workspace", required=True, type=workspace_arg)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_cmd_status)
+    q = sub.add_parser("search", help="nearest crops to a crop's embedding")
+    q.add_argument("--workspace", required=True, type=workspace_arg)
+    q.add_argument("--crop-id", type=int_range(0), required=True,
+                   help="image_id * 9 + row * 3 + col of an indexed image")
+    q.add_argument("-m", type=positive_int, default=8,
+                   help="number of nearest crops (>= 1; capped at the number of crops)")
+    q.add_argument("--exclude-class", type=int_range(0, 2**31 - 1), default=None)
+    q.add_argument("--kind", choices=["flat", "ivf"], default="flat")
+    q.set_defaults(func=_cmd_search)
+    ly = sub.add_parser("layers", help="candidate layers of a model with their shapes")
+    ly.add_argument("--model", required=True)
+    ly.add_argument("--device", default="cpu")
+    ly.set_defaults(func=_cmd_layers)
+    e = sub.add_parser("export", help="write a catalog table to .csv or .parquet")
+    e.add_argument("--workspace", required=True, type=workspace_arg)
+    e.add_argument("--table", required=True, choices=["images", "crops", "skipped", "chunks",
+                                                      "meta"])
+    e.add_argument("--out", required=True, type=output_file(".csv", ".parquet", ".pq"),
+                   help="a .csv or .parquet file (its folder is created)")
+    e.set_defaults(func=_cmd_export)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # the parser's one-line error (exit 2) or --help (exit 0)
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        return args.func(args)
+    except ExplorerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # stdout closed early (| head): stop quietly, like a SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OSError as exc:  # a file the user named or owns: unreadable, disk full, ...
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; run the same build command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
