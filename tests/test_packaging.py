@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +12,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_installs_and_imports_from_another_folder(tmp_path: Path) -> None:
+    # build from a copy: setuptools writes build/ and *.egg-info into the source folder
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", "workspaces", "artifacts", "build", "*.egg-info", "__pycache__", ".*_cache",
+        ".gpu-wheels", "tests", "bench"))
     target = tmp_path / "site"
     r = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                        "--no-build-isolation", "--no-index", "--target", str(target), str(ROOT)],
+                        "--no-build-isolation", "--no-index", "--target", str(target), str(src)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     for pkg in ("explorer_core", "data_index", "explainer", "study", "demo_world", "cli"):
