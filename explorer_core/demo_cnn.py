@@ -168,19 +168,25 @@ def load_demo(
         If the weights file does not exist or cannot be read.
     """
     path = Path(weights_path) if weights_path is not None else WEIGHTS_PATH
-    if not path.is_file():
-        raise DemoWeightsMissing(
-            f"demo model weights not found at {path}; create them with `python -m demo_world.train` "
-            "(about 8 minutes on 2 CPU cores)"
-        )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt file, git-lfs pointer, ...
-        raise DemoWeightsMissing(
-            f"could not read demo model weights {path} ({exc}); recreate them with "
-            "`python -m demo_world.train`"
-        ) from exc
-    model = build_demo_model()
-    model.load_state_dict(state, strict=True)
+    model = load_bundled_weights(build_demo_model(), path, DemoWeightsMissing,
+                                 "demo model weights", "python -m demo_world.train",
+                                 "about 8 minutes on 2 CPU cores")
     model.to(device).eval()
     return model, list(CLASSES), DEMO_INPUT_SIZE, DEMO_MEAN, DEMO_STD
+
+
+def load_bundled_weights(model: nn.Module, path: Path, error: type[Exception], what: str,
+                         retrain: str, duration: str) -> nn.Module:
+    """Load the state dict at ``path`` into ``model`` (strict; float16 tensors cast to float32;
+    ``torch.load(weights_only=True)``: no code runs). A missing, unreadable or mismatching file
+    raises ``error`` with a message naming ``what`` and the ``retrain`` command."""
+    if not path.is_file():
+        raise error(f"{what} not found at {path}; create them with `{retrain}` ({duration})")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        model.load_state_dict(state, strict=True)
+    except Exception as exc:  # corrupt file, git-lfs pointer, other architecture, ...
+        raise error(f"could not read {what} {path} ({exc}); recreate them with `{retrain}`"
+                    ) from exc
+    return model

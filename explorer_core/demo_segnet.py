@@ -43,7 +43,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .demo_cnn import CLASSES, DEMO_MEAN, DEMO_STD, BasicBlock, DemoWeightsMissing
+from .demo_cnn import (
+    CLASSES,
+    DEMO_MEAN,
+    DEMO_STD,
+    BasicBlock,
+    DemoWeightsMissing,
+    load_bundled_weights,
+)
 from .errors import ExplorerError
 
 __all__ = [
@@ -196,20 +203,8 @@ def load_demo_seg(
         If the weights file does not exist or cannot be read.
     """
     path = Path(weights_path) if weights_path is not None else SEG_WEIGHTS_PATH
-    if not path.is_file():
-        raise DemoSegWeightsMissing(
-            f"demo segmentation weights not found at {path}; create them with "
-            "`python -m demo_world.train_seg` (about 10 minutes on 2 busy CPU cores)"
-        )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-        model = build_demo_segnet()
-        model.load_state_dict(state, strict=True)
-    except Exception as exc:  # corrupt file, git-lfs pointer, other architecture ...
-        raise DemoSegWeightsMissing(
-            f"could not read demo segmentation weights {path} ({exc}); recreate them with "
-            "`python -m demo_world.train_seg`"
-        ) from exc
+    model = load_bundled_weights(build_demo_segnet(), path, DemoSegWeightsMissing,
+                                 "demo segmentation weights", "python -m demo_world.train_seg",
+                                 "about 10 minutes on 2 busy CPU cores")
     model.to(device).eval()
     return model, list(SEG_CLASSES), DEMO_SEG_INPUT_SIZE, DEMO_SEG_MEAN, DEMO_SEG_STD
