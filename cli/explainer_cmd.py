@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 from explainer.report import write_explanation
 from explorer_core.errors import ExplorerError
+from explorer_core.trust import user_code_allowed
 
 from .args import CliParser, class_list, int_range, output_folder, positive_int, seed, workspace_arg
 from .common import ProgressBar, open_workspace
@@ -172,7 +173,8 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        return run(argv)
+        with user_code_allowed():  # the user typed the spec (or owns the workspace): it may run
+            return run(argv)
     except SystemExit as exc:  # the parser's one-line error (exit 2) or --help (exit 0)
         return exc.code if isinstance(exc.code, int) else 2
     except ExplorerError as exc:
