@@ -306,9 +306,10 @@ def deeplift_completeness(lm: LoadedModel, pixels: torch.Tensor, layer: str,
                           targets: Sequence[int] | torch.Tensor, *, batch_size: int = 32
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepLift's completeness for ``layer`` on ``pixels`` (B, 3, S, S) in [0, 1] (white
-    baseline, logit ``targets[i]``, or its evidence for a segmentation model): of the attributions at :func:`completeness_layer` (``layer``
-    itself when every path passes through it), else at the input; the multipliers from the logit
-    back to ``layer`` are checked either way.
+    baseline, logit ``targets[i]``, or its evidence for a segmentation model): of the
+    attributions at :func:`completeness_layer` (``layer`` itself when every path passes through
+    it), else at the input; the multipliers from the logit back to ``layer`` are checked either
+    way.
 
     Returns
     -------

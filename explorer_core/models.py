@@ -427,14 +427,27 @@ class LoadedModel:
             out.append(self.scores_from_outputs(self.model(x)))
         return torch.cat(out) if out else torch.zeros(0, self.num_classes)
 
+    @property
+    def score_name(self) -> str:
+        """What :meth:`class_scores` measures: ``"softmax"`` or ``"pixel share"``."""
+        return "pixel share" if self.task == "segmentation" else "softmax"
+
+    def predicted_classes(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(score, class)`` (B,) each of ``(B, K)`` class scores: the argmax; for a
+        segmentation model the most predicted class other than the background (an image is
+        "of" its largest object class)."""
+        ranked = scores
+        if self.task == "segmentation" and self.background_class is not None \
+                and scores.shape[1] > 1:
+            ranked = scores.clone()
+            ranked[:, self.background_class] = -1.0
+        conf, pred = ranked.max(dim=1)
+        return conf, pred
+
     def summarize(self, outputs: torch.Tensor) -> Predictions:
         """What the catalog stores of one forward's outputs (see :class:`Predictions`)."""
         scores = self.scores_from_outputs(outputs.detach())
-        ranked = scores.clone()
-        if self.task == "segmentation" and self.background_class is not None \
-                and ranked.shape[1] > 1:
-            ranked[:, self.background_class] = -1.0  # an image is "of" its largest object class
-        conf, pred = ranked.max(dim=1)
+        conf, pred = self.predicted_classes(scores)
         top = torch.topk(scores, min(5, scores.shape[1]), dim=1).indices
         return Predictions(pred=pred.numpy().astype(np.int64), conf=conf.numpy().astype(np.float32),
                            top5=top.numpy().astype(np.int64),
