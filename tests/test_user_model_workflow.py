@@ -84,10 +84,14 @@ def test_user_unet_attributes_and_gives_concepts(tmp_path):
 
 def test_synthesize_command_writes_images_and_reuses_the_cache(demo_workspace, tmp_path,
                                                                  monkeypatch, capsys):
+    import shutil
+
     from cli.explainer_cmd import main
     from explorer_core import cache
 
     monkeypatch.setenv("CONCEPT_EXPLORER_HOME", str(demo_workspace.root.parent))
+    # a kept workspace (DEMO_WORKSPACE_HOME) may hold syntheses of an earlier run
+    shutil.rmtree(demo_workspace.cache_dir / "synthesis", ignore_errors=True)
     args = ["synthesize", "--workspace", "demo", "--class", "lupo", "--n", "2",
             "--max-images", "30", "--steps", "24", "--device", "cpu"]
     cache.reset_stats()
