@@ -432,10 +432,12 @@ class LoadedModel:
         """What :meth:`class_scores` measures: ``"softmax"`` or ``"pixel share"``."""
         return "pixel share" if self.task == "segmentation" else "softmax"
 
-    def predicted_classes(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(score, class)`` (B,) each of ``(B, K)`` class scores: the argmax; for a
-        segmentation model the most predicted class other than the background (an image is
-        "of" its largest object class)."""
+    def predicted_classes(self, scores: torch.Tensor | np.ndarray
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(score, class)`` (B,) each of ``(B, K)`` class scores (tensor or array): the
+        argmax; for a segmentation model the most predicted class other than the background (an
+        image is "of" its largest object class)."""
+        scores = torch.as_tensor(scores)
         ranked = scores
         if self.task == "segmentation" and self.background_class is not None \
                 and scores.shape[1] > 1:

@@ -118,7 +118,8 @@ with errors.guard("running the shifting test"):
                "and the class the model now predicts.")
     cols = st.columns(max(1, len(sample)))
     for col, image_id, p in zip(cols, sample, per_image):
-        pa, pb, pred = float(p[a]), float(p[b]), int(p.argmax())
+        pa, pb = float(p[a]), float(p[b])
+        pred = int(lm.predicted_classes(p[None])[1][0])  # a segmenter: never "background"
         col.image(pictures.upscale(pictures.image_pic(ws, image_id), 128), width="stretch",
                   caption=f"image {image_id}")
         col.markdown(f"P(A) **{pa:.2f}**  \nP(B) {pb:.2f}  \n"
