@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pages.ui import access
+from pages.ui import access, trust
 
 st.set_page_config(page_title="Concept explorer", page_icon=":material/extension:", layout="wide")
+trust.apply()  # the user model files this browser session confirmed, and no others
 
 if access.participant_session() is not None:
     st.markdown("<style>[data-testid='stSidebar'], [data-testid='stSidebarCollapsedControl'],"

@@ -13,6 +13,7 @@ import os
 import sys
 
 from explorer_core.errors import ExplorerError
+from explorer_core.trust import user_code_allowed
 
 from .args import CliParser, int_range, output_file, positive_int, workspace_arg
 from .common import ProgressBar, open_workspace
@@ -185,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # the parser's one-line error (exit 2) or --help (exit 0)
         return exc.code if isinstance(exc.code, int) else 2
     try:
-        return args.func(args)
+        with user_code_allowed():  # the user typed the spec (or owns the workspace): it may run
+            return args.func(args)
     except ExplorerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""Command line: ``python -m explainer {explain, contrast, evaluate} ...``.
+"""Command line: ``python -m explainer {explain, contrast, synthesize, evaluate} ...``.
 
 User errors (:class:`ExplorerError`) print ``error: <message>`` on stderr and exit 2, without a
 traceback. Progress bars go to stderr.
@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 from explainer.report import write_explanation
 from explorer_core.errors import ExplorerError
+from explorer_core.trust import user_code_allowed
 
 from .args import CliParser, class_list, int_range, output_folder, positive_int, seed, workspace_arg
 from .common import ProgressBar, open_workspace
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--b", required=True, help="class B (name or index)")
     co.add_argument("--classifier-solver", default="sgd", choices=["sgd", "lbfgs"])
     _common(co)
+    _add_synthesize(sub)
     ev = sub.add_parser("evaluate", help="evaluations over many classes")
     evs = ev.add_subparsers(dest="what", required=True)
     pt = evs.add_parser("prediction-test", help="stitched-crops test over classes")
@@ -125,6 +127,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 8)))
     from explainer.concepts import explain_class, get_context
 
+    if args.cmd == "synthesize":
+        return _run_synthesize(args)
     if args.cmd in ("explain", "contrast"):
         ctx = get_context(open_workspace(args.workspace), args.device)
         kw = dict(n_concepts=args.n, method=args.method, variant=args.variant,
@@ -170,9 +174,107 @@ def run(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------
+# synthesize: concept images by optimisation (method.md §10)
+
+
+def _add_synthesize(sub: Any) -> None:
+    sy = sub.add_parser("synthesize", help="synthesise an image per concept (explain or contrast)")
+    sy.add_argument("--workspace", required=True, type=workspace_arg,
+                    help="workspace name or folder")
+    sy.add_argument("--class", dest="class_a", required=True, help="class A (name or index)")
+    sy.add_argument("--b", default=None,
+                    help="class B (name or index): synthesise the concepts of A contrasted "
+                         "against B instead of A's explanation")
+    sy.add_argument("--n", type=int_range(1, 10), default=4,
+                    help="number of concepts (1..10, default 4)")
+    sy.add_argument("--method", default="deeplift",
+                    choices=["deeplift", "grad_x_act", "deeplift_smoothgrad"])
+    sy.add_argument("--max-images", type=positive_int, default=500)
+    sy.add_argument("--seed", type=seed, default=0,
+                    help="seed of the explanation and of the synthesis (0..2**32-1)")
+    sy.add_argument("--size", type=int_range(8, 4096), default=None,
+                    help="side of the synthesised images in px (default the crop size; the "
+                         "model's input size gives full images)")
+    sy.add_argument("--steps", type=int_range(1, 10000), default=256,
+                    help="optimisation steps per image (default 256)")
+    sy.add_argument("--threads", type=int_range(1, 256), default=1,
+                    help="torch threads for the optimisation (default 1: thousands of tiny "
+                         "steps run fastest on one thread of a small shared CPU)")
+    sy.add_argument("--device", default="auto")
+    sy.add_argument("--no-cache", action="store_true")
+    sy.add_argument("--out", required=True, type=output_folder,
+                    help="output folder (new, or an existing folder)")
+
+
+def _run_synthesize(args: argparse.Namespace) -> int:
+    """Explain A (or contrast A against B), synthesise each concept, write
+    ``concept_<k>.png``, ``stitched.png`` and ``synthesis.json`` into ``--out``."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from explainer.concepts import explain_class, get_context
+    from explainer.synthesis import cached_syntheses, synthesis_prediction_test
+
+    ctx = get_context(open_workspace(args.workspace), args.device)
+    kw = dict(n_concepts=args.n, method=args.method, max_images=args.max_images,
+              seed=args.seed, cache=not args.no_cache)
+    with ProgressBar("synthesize") as cb:
+        if args.b is None:
+            expl = explain_class(ctx, args.class_a, progress=cb, **kw)
+        else:
+            from explainer.contrast import contrast_classes
+
+            expl = contrast_classes(ctx, args.class_a, args.b, progress=cb, **kw)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(args.threads)
+        try:
+            syns = cached_syntheses(ctx.lm, ctx.layer, expl.concept_vectors, ctx.ws.cache_dir,
+                                    cache=not args.no_cache, progress=cb, size=args.size,
+                                    steps=args.steps, seed=args.seed)
+        finally:
+            torch.set_num_threads(threads)
+    pt = synthesis_prediction_test(ctx.lm, syns, expl.class_a)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = ctx.lm.class_names
+    concepts = []
+    for con, syn in zip(expl.concepts, syns):
+        png = f"concept_{con.index + 1}.png"
+        Image.fromarray(syn.image).save(out / png)
+        concepts.append({"concept": con.index + 1, "importance": float(con.importance),
+                         "png": png, "alignment": syn.alignment,
+                         "alignments": [float(a) for a in syn.alignments],
+                         "margin": syn.margin, "aligned": bool(syn.margin > 0),
+                         "nearest_crops": [int(c.crop_id) for c in con.crops[:8]],
+                         "seconds": syn.seconds})
+    Image.fromarray(pt.stitched).save(out / "stitched.png")
+    record = {
+        "model": ctx.lm.spec, "layer": ctx.layer, "class_a": names[expl.class_a],
+        "class_b": None if expl.class_b is None else names[expl.class_b],
+        "explanation": {k: v for k, v in kw.items() if k != "cache"},
+        "synthesis": dict(syns[0].params), "concepts": concepts,
+        "aligned": int(sum(s.margin > 0 for s in syns)),
+        "seconds_per_concept": float(np.mean([s.seconds for s in syns])),
+        "prediction_test": {"target": names[pt.target], "predicted": names[pt.predicted],
+                            "score": pt.score, "prob_target": pt.prob_target,
+                            "prob_predicted": pt.prob_predicted, "passed": pt.passed,
+                            "png": "stitched.png"},
+    }
+    (out / "synthesis.json").write_text(json.dumps(record, indent=1))
+    print(f"wrote {out}: {len(syns)} synthesised concepts of {names[expl.class_a]}"
+          + (f" vs {names[expl.class_b]}" if expl.class_b is not None else "")
+          + f", {record['aligned']}/{len(syns)} aligned with their own concept; prediction "
+          f"test {'PASS' if pt.passed else 'FAIL'} ({pt.score} of "
+          f"{names[pt.target]} {pt.prob_target:.3f})")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        return run(argv)
+        with user_code_allowed():  # the user typed the spec (or owns the workspace): it may run
+            return run(argv)
     except SystemExit as exc:  # the parser's one-line error (exit 2) or --help (exit 0)
         return exc.code if isinstance(exc.code, int) else 2
     except ExplorerError as exc:

@@ -2,6 +2,19 @@
 towards a logit, the per-pixel score and the pixel matrix.
 
 Every function takes batches; nothing runs at batch size 1.
+
+Segmentation models (``lm.task == "segmentation"``, output ``(B, K, H, W)``)
+------------------------------------------------------------------------------
+The attributed quantity for class A is A's *evidence*: the sum of A's logits over the pixels the
+model predicts as A on the input image (method.md §11; the paper does not state its target for
+a dense output). :class:`ClassEvidence` wraps the model to return ``(B, K)`` evidences, so every
+captum method takes ``target=A`` as for a classifier. The mask (each pixel's argmax class) is
+computed once, from the unperturbed image, and then held fixed: DeepLift's white baseline and
+SmoothGrad's noisy copies are scored on the same pixels, so the evidence is a fixed linear
+function of the logits and DeepLift's completeness (attributions add up to ``evidence(x) -
+evidence(baseline)``) holds as for a classifier. An image with no pixel predicted as A has
+evidence 0 for A, whatever the input: its attributions are 0, so it adds nothing (images
+"predicted as A" have at least ``SEG_SHARE_THRESHOLD`` of their pixels predicted as A anyway).
 """
 
 from __future__ import annotations
@@ -21,6 +34,7 @@ from explorer_core.models import LoadedModel, capture_layer
 
 __all__ = [
     "COMPLETENESS_TOLERANCE",
+    "ClassEvidence",
     "METHODS",
     "VARIANTS",
     "attribute",
@@ -62,6 +76,43 @@ def attribution_model(lm: LoadedModel) -> AttributionModel:
     return prepared
 
 
+class ClassEvidence(nn.Module):
+    """A segmentation model as a ``(B, K)`` scorer for captum's ``target``: class k's evidence
+    is the sum of k's logits over the pixels whose predicted class (``pred``) is k.
+
+    ``forward(x, pred)``: ``x`` (B, 3, H, W) model input; ``pred`` (B, H', W') int64, each
+    pixel's class on the *unperturbed* image (:meth:`mask`), passed as captum's
+    ``additional_forward_args`` so that captum repeats it with the inputs (DeepLift's baseline
+    half, SmoothGrad's noisy copies). Returns (B, K). Linear in the logits for a fixed ``pred``.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    @torch.no_grad()
+    def mask(self, x: torch.Tensor) -> torch.Tensor:
+        """Each pixel's predicted class ``(B, H', W')`` int64 of model input ``x``."""
+        return self.model(x).argmax(dim=1)
+
+    def forward(self, x: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        b, k = out.shape[:2]
+        own = out.gather(1, pred.unsqueeze(1)).flatten(1)  # (B, H'W') logit of the pixel's class
+        return torch.zeros(b, k, dtype=out.dtype, device=out.device).scatter_add(
+            1, pred.flatten(1), own)
+
+
+def _scorer(lm: LoadedModel, model: nn.Module, x: torch.Tensor
+            ) -> tuple[nn.Module, tuple[torch.Tensor, ...] | None]:
+    """What captum attributes ``target`` of: the model itself (classification) or its
+    :class:`ClassEvidence` with the mask of ``x`` (segmentation), and the extra forward args."""
+    if lm.task != "segmentation":
+        return model, None
+    scorer = ClassEvidence(model)
+    return scorer, (scorer.mask(x),)
+
+
 def check_method(method: str) -> None:
     if method not in METHODS:
         raise ExplorerError(f"Unknown attribution method '{method}'; use one of "
@@ -93,7 +144,9 @@ def attribute(lm: LoadedModel, pixels: torch.Tensor, layer: str,
               batch_size: int = 32, progress: Callable[[int, int], None] | None = None,
               return_delta: bool = False
               ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Activations of ``layer`` and their attribution towards logit ``targets[i]``.
+    """Activations of ``layer`` and their attribution towards logit ``targets[i]`` (for a
+    segmentation model: towards class ``targets[i]``'s evidence, the sum of its logits over the
+    pixels predicted as it; see the module docstring).
 
     Parameters
     ----------
@@ -111,7 +164,7 @@ def attribute(lm: LoadedModel, pixels: torch.Tensor, layer: str,
     activations : (B, C, h, w) float32, CPU
     attributions : (B, C, h, w) float32, CPU
     delta : (B,) float32, CPU, only with ``return_delta`` (DeepLift's convergence delta
-        ``sum(attr) - (f(x) - f(baseline))``).
+        ``sum(attr) - (f(x) - f(baseline))``; ``f`` the evidence for a segmentation model).
     """
     from captum.attr import LayerDeepLift, LayerGradientXActivation, NoiseTunnel
 
@@ -133,16 +186,19 @@ def attribute(lm: LoadedModel, pixels: torch.Tensor, layer: str,
         x.requires_grad_(True)  # DeepLift hooks tensors upstream of the layer too
         t = targets[start:start + batch_size].to(lm.device)
         b = len(x)
+        scorer, extra = _scorer(lm, model, x)
         if method == "grad_x_act":
             with capture_layer(model, module) as store:
-                attr = LayerGradientXActivation(model, module).attribute(x, target=t)
+                attr = LayerGradientXActivation(scorer, module).attribute(
+                    x, target=t, additional_forward_args=extra)
             acts = store["out"].detach()
         elif method == "deeplift":
             base = lm.white_baseline(x.shape)
             outs: list[torch.Tensor] = []
             logits: list[torch.Tensor] = []
-            with forward_hooks([(module, _appender(outs)), (model, _appender(logits))]):
-                attr = LayerDeepLift(model, module).attribute(x, baselines=base, target=t)
+            with forward_hooks([(module, _appender(outs)), (scorer, _appender(logits))]):
+                attr = LayerDeepLift(scorer, module).attribute(
+                    x, baselines=base, target=t, additional_forward_args=extra)
             if outs and len(outs[0]) == 2 * b:  # captum's one forward: cat(x, baseline)
                 acts = outs[0][:b]
             else:
@@ -155,7 +211,8 @@ def attribute(lm: LoadedModel, pixels: torch.Tensor, layer: str,
                     both = logits[0].float()
                 else:
                     with torch.inference_mode():
-                        both = torch.cat([model(x), model(base)]).float()
+                        args = extra or ()
+                        both = torch.cat([scorer(x, *args), scorer(base, *args)]).float()
                 rows = torch.arange(b, device=both.device)
                 gap = both[:b][rows, t] - both[b:][rows, t]
                 total = (attr[0] if isinstance(attr, tuple) else attr).detach().float()
@@ -163,8 +220,9 @@ def attribute(lm: LoadedModel, pixels: torch.Tensor, layer: str,
                 delta_out.append(delta.detach().cpu())
             del outs, logits
         else:
-            nt = NoiseTunnel(LayerDeepLift(model, module))
+            nt = NoiseTunnel(LayerDeepLift(scorer, module))
             attr = nt.attribute(x, baselines=lm.white_baseline(x.shape), target=t,
+                                additional_forward_args=extra,
                                 nt_type="smoothgrad", nt_samples=SMOOTHGRAD_SAMPLES,
                                 stdevs=SMOOTHGRAD_STDEV, nt_samples_batch_size=4)
             with torch.inference_mode():
@@ -248,9 +306,10 @@ def deeplift_completeness(lm: LoadedModel, pixels: torch.Tensor, layer: str,
                           targets: Sequence[int] | torch.Tensor, *, batch_size: int = 32
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepLift's completeness for ``layer`` on ``pixels`` (B, 3, S, S) in [0, 1] (white
-    baseline, logit ``targets[i]``): of the attributions at :func:`completeness_layer` (``layer``
-    itself when every path passes through it), else at the input; the multipliers from the logit
-    back to ``layer`` are checked either way.
+    baseline, logit ``targets[i]``, or its evidence for a segmentation model): of the
+    attributions at :func:`completeness_layer` (``layer`` itself when every path passes through
+    it), else at the input; the multipliers from the logit back to ``layer`` are checked either
+    way.
 
     Returns
     -------
@@ -272,12 +331,13 @@ def deeplift_completeness(lm: LoadedModel, pixels: torch.Tensor, layer: str,
     deltas, gaps = [], []
     for start in range(0, len(pixels), batch_size):
         x = lm.normalize(pixels[start:start + batch_size].to(lm.device, torch.float32))
+        scorer, extra = _scorer(lm, model, x)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Setting forward, backward hooks")
-            attr, delta = DeepLift(model).attribute(
+            attr, delta = DeepLift(scorer).attribute(
                 x.requires_grad_(True), baselines=lm.white_baseline(x.shape),
                 target=tgt[start:start + batch_size].to(lm.device),
-                return_convergence_delta=True)
+                additional_forward_args=extra, return_convergence_delta=True)
         delta = delta.detach().float().cpu()
         deltas.append(delta)
         gaps.append(attr.detach().float().cpu().flatten(1).sum(1) - delta)

@@ -5,6 +5,12 @@
 * :func:`patch_insertion` - a patch pasted into images predicted as B, against a control fill.
 
 All pixel work is in ``[0, 1]`` space; :meth:`LoadedModel.normalize` is applied last.
+
+Every test reads the model through :meth:`LoadedModel.class_scores`: a classifier's softmax, or
+for a segmentation model the share of the image's pixels predicted (argmax) as each class. So for
+a segmentation model the stitched test reports the share of the stitched image's pixels predicted
+as A and passes when A is the most predicted class other than the background; the shifting test
+and patch insertion report mean pixel shares of A and B. Each result's ``score`` names which.
 """
 
 from __future__ import annotations
@@ -64,15 +70,16 @@ def prediction_tests(lm: LoadedModel, stitched: Sequence[torch.Tensor], targets:
         by_shape.setdefault(tuple(s.shape), []).append(i)
     for idx in by_shape.values():
         batch = torch.stack([stitched[i] for i in idx])
-        probs = torch.softmax(lm.logits(batch), dim=1)
+        probs = lm.class_scores(batch)
+        _, preds = lm.predicted_classes(probs)
         for row, i in enumerate(idx):
             p = probs[row]
-            pred = int(p.argmax())
+            pred = int(preds[row])
             t = int(targets[i])
             out[i] = PredictionTestResult(
                 target=t, exclude_target=bool(excl[i]), crop_ids=[int(c) for c in crop_ids[i]],
                 prob_target=float(p[t]), predicted=pred, prob_predicted=float(p[pred]),
-                passed=pred == t, stitched=_to_uint8(stitched[i]))
+                passed=pred == t, stitched=_to_uint8(stitched[i]), score=lm.score_name)
     return out  # type: ignore[return-value]
 
 
@@ -82,7 +89,9 @@ def prediction_test(lm: LoadedModel, catalog: Any, crop_ids: Sequence[int], targ
 
     The crops ``crop_ids`` (top-1 crop of each concept, concept order) are concatenated along the
     height in [0, 1] space (``(3, k*c, c)``), normalised and fed **without resizing**. Returns the
-    softmax probability of ``target`` and whether it is the argmax (``passed``)."""
+    softmax probability of ``target`` and whether it is the argmax (``passed``); for a
+    segmentation model the share of pixels predicted as ``target`` and whether it is the most
+    predicted non-background class."""
     crops = catalog.crop_pixels(list(crop_ids), lm)
     return prediction_tests(lm, [stitch(crops)], [target], [list(crop_ids)], exclude_target)[0]
 
@@ -105,7 +114,8 @@ def shift_test(lm: LoadedModel, layer: str, images: torch.Tensor, weight: np.nda
     offsets : the shifts ``t``; ``layer``'s output ``a`` becomes ``relu(a + t * w)`` at every
         pixel. The forward hook is removed after each offset, also on errors.
 
-    Returns mean softmax of A and B per offset; ``default_prob_a`` at ``t = 0`` (the hook applied
+    Returns mean softmax (segmentation: mean pixel share) of A and B per offset;
+    ``default_prob_a`` at ``t = 0`` (the hook applied
     with ``t = 0`` is ``relu(a) = a`` for a post-ReLU layer), ``max_prob_a`` over offsets and the
     ``best_offset``."""
     if len(images) == 0:
@@ -121,18 +131,18 @@ def shift_test(lm: LoadedModel, layer: str, images: torch.Tensor, weight: np.nda
             rows = torch.arange(s, min(s + batch_size, n * k))
             state["offset"] = t_all[rows]
             x = lm.normalize(images[rows % n].to(lm.device, torch.float32))
-            probs.append(torch.softmax(lm.model(x).float(), dim=1).cpu())
+            probs.append(lm.scores_from_outputs(lm.model(x)))
     p = torch.cat(probs).view(k, n, -1)
     pa = [float(v) for v in p[:, :, class_a].mean(1)]
     pb = [float(v) for v in p[:, :, class_b].mean(1)]
     best = int(np.argmax(pa))
     default = pa[list(offsets).index(0.0)] if 0.0 in offsets else float(
-        torch.softmax(lm.logits(images, batch_size=batch_size), 1)[:, class_a].mean())
+        lm.class_scores(images, batch_size=batch_size)[:, class_a].mean())
     return ShiftTestResult(class_a=int(class_a), class_b=int(class_b),
                            offsets=[float(t) for t in offsets], mean_prob_a=pa, mean_prob_b=pb,
                            default_prob_a=default, max_prob_a=pa[best],
                            best_offset=float(offsets[best]), n_images=len(images),
-                           image_ids=[int(i) for i in image_ids])
+                           image_ids=[int(i) for i in image_ids], score=lm.score_name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,11 +151,12 @@ def shift_test(lm: LoadedModel, layer: str, images: torch.Tensor, weight: np.nda
 
 def shifted_probabilities(lm: LoadedModel, layer: str, images: torch.Tensor,
                           weight: np.ndarray | torch.Tensor, offset: float) -> np.ndarray:
-    """Per-image softmax ``(B, K)`` with ``layer``'s output replaced by ``relu(a + t * w)``
-    (the shifting test's forward at one offset ``t``; ``images`` (B, 3, S, S) in [0, 1])."""
+    """Per-image class scores ``(B, K)`` (softmax, or pixel shares of a segmentation model) with
+    ``layer``'s output replaced by ``relu(a + t * w)`` (the shifting test's forward at one offset
+    ``t``; ``images`` (B, 3, S, S) in [0, 1])."""
     w = torch.as_tensor(np.asarray(weight), dtype=torch.float32).to(lm.device)
     with shifted_layer(lm.module(layer), w, float(offset)), torch.inference_mode():
-        return torch.softmax(lm.logits(images), dim=1).numpy()
+        return lm.class_scores(images).numpy()
 
 
 def patch_box(image_size: int, patch_h: int, patch_w: int,
@@ -178,8 +189,8 @@ def patch_insertion(lm: LoadedModel, images_b: torch.Tensor, patch: torch.Tensor
 
     ``images_b`` (N, 3, S, S) in [0, 1], predicted as B; ``patch`` (3, ph, pw) in [0, 1] pasted
     at ``position``. Control: the same box filled with ``mean`` (the dataset mean colour, i.e.
-    zeros after normalisation) or ``black`` (pixel value 0). Per-image softmax of A and B before,
-    after and with the control."""
+    zeros after normalisation) or ``black`` (pixel value 0). Per-image softmax (segmentation:
+    pixel share) of A and B before, after and with the control."""
     if control not in ("mean", "black"):
         raise ExplorerError(f"Unknown control fill '{control}'; use 'mean' or 'black'")
     if len(images_b) == 0:
@@ -193,7 +204,7 @@ def patch_insertion(lm: LoadedModel, images_b: torch.Tensor, patch: torch.Tensor
     fill = (torch.tensor(lm.mean, dtype=ctrl.dtype).view(3, 1, 1) if control == "mean"
             else torch.zeros(3, 1, 1, dtype=ctrl.dtype))
     ctrl[:, :, y0:y1, x0:x1] = fill
-    probs = [torch.softmax(lm.logits(x), dim=1) for x in (images_b, after, ctrl)]
+    probs = [lm.class_scores(x) for x in (images_b, after, ctrl)]
     pa = [p[:, class_a].numpy() for p in probs]
     pb = [p[:, class_b].numpy() for p in probs]
     pos = position if isinstance(position, str) else f"{position[0]},{position[1]}"
@@ -201,7 +212,8 @@ def patch_insertion(lm: LoadedModel, images_b: torch.Tensor, patch: torch.Tensor
                            box=(x0, y0, x1, y1), control=control,
                            image_ids=[int(i) for i in image_ids] or list(range(len(images_b))),
                            prob_a_before=pa[0], prob_a_after=pa[1], prob_a_control=pa[2],
-                           prob_b_before=pb[0], prob_b_after=pb[1], prob_b_control=pb[2])
+                           prob_b_before=pb[0], prob_b_after=pb[1], prob_b_control=pb[2],
+                           score=lm.score_name)
 
 
 def patch_from_crop(lm: LoadedModel, catalog: Any, crop_id: int) -> torch.Tensor:

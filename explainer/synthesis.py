@@ -84,15 +84,21 @@ times slower (32 px, 4 concepts: 9-47 s); callers on a small shared CPU should u
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from explorer_core import cache as _cache
 from explorer_core.errors import ExplorerError
+from explorer_core.files import read_npz
 from explorer_core.models import LoadedModel, capture_layer
 from explorer_core.progress import Meter, ProgressFn
 from explorer_core.results import PredictionTestResult, Synthesis
@@ -103,8 +109,12 @@ __all__ = [
     "COLOR_CORRELATION_SVD_SQRT",
     "DEFAULT_STEPS",
     "OBJECTIVES",
+    "SYNTHESIS_KIND",
     "Synthesis",
     "alignment_matrix",
+    "cached_syntheses",
+    "fetch_syntheses",
+    "synthesis_key",
     "mean_activations",
     "stitch_syntheses",
     "synthesis_prediction_test",
@@ -420,3 +430,85 @@ def synthesize(lm: LoadedModel, layer: str, direction: np.ndarray | torch.Tensor
         vs = np.concatenate([result.direction[None], extra])
         result.alignments = alignment_matrix(lm, layer, result.image[None], vs)[0]
     return result
+
+
+# --------------------------------------------------------------------------------------------
+# cached syntheses (the app and ``python -m explainer synthesize``)
+
+SYNTHESIS_KIND = "synthesis"
+"""Cache kind of :func:`cached_syntheses` entries (:mod:`explorer_core.cache`)."""
+
+
+def synthesis_key(lm: LoadedModel, layer: str, vectors: np.ndarray | torch.Tensor, *,
+                  size: int | None = None, steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR,
+                  seed: int = 0, objective: str = "cosine",
+                  cos_power: float = DEFAULT_COS_POWER, batch: int = 1,
+                  polish: float = DEFAULT_POLISH) -> dict[str, Any]:
+    """The cache parameters of synthesising ``vectors`` (n, C) at ``layer``: the model spec,
+    the layer, the SHA-256 of the unit vectors (float32, row order) and every parameter that
+    changes the images (``size`` resolved: ``None`` and the crop size are one key). Not the
+    catalog: a synthesis reads no dataset image."""
+    side = _side(lm, size)
+    _check(steps, lr, cos_power, batch, polish, objective)
+    v = _unit_rows(vectors, _channels(lm, layer), "vectors").numpy().astype(np.float32)
+    digest = hashlib.sha256(np.ascontiguousarray(v).tobytes()
+                            + str(v.shape).encode()).hexdigest()
+    return {"model": lm.spec, "layer": layer, "vectors": digest, "n": int(len(v)),
+            "size": side, "steps": int(steps), "lr": float(lr), "seed": int(seed),
+            "objective": objective, "cos_power": float(cos_power), "batch": int(batch),
+            "polish": float(polish)}
+
+
+def _synthesis_params(key: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: key[k] for k in ("seed", "size", "steps", "lr", "objective", "cos_power",
+                                "batch", "polish")}
+
+
+def _read_syntheses(folder: Path, key: Mapping[str, Any]) -> list[Synthesis]:
+    """A cached entry, checked against ``key`` (any mismatch raises: a miss)."""
+    got = read_npz(folder / _cache.ARRAYS_FILE)
+    images, dirs, align, secs = (got[k] for k in ("images", "directions", "alignments",
+                                                   "seconds"))
+    n, s = int(key["n"]), int(key["size"])
+    if images.dtype != np.uint8 or images.shape != (n, s, s, 3):
+        raise ValueError(f"images {images.shape} {images.dtype}")
+    if dirs.ndim != 2 or len(dirs) != n or align.shape != (n, n) or secs.shape != (n,):
+        raise ValueError("arrays do not fit the key")
+    params = _synthesis_params(key)
+    return [Synthesis(layer=str(key["layer"]), direction=dirs[k].astype(np.float32),
+                      image=images[k], alignment=float(align[k, k]),
+                      alignments=align[k].astype(np.float32), index=k, steps=int(key["steps"]),
+                      seconds=float(secs[k]), params=dict(params)) for k in range(n)]
+
+
+def fetch_syntheses(lm: LoadedModel, layer: str, vectors: np.ndarray | torch.Tensor,
+                    cache_dir: str | os.PathLike, **options: Any) -> list[Synthesis] | None:
+    """The cached syntheses of ``vectors`` (``options`` as :func:`synthesis_key`), or None.
+    Reads only: the app shows what an earlier visit computed without computing."""
+    key = synthesis_key(lm, layer, vectors, **options)
+    return _cache.fetch(cache_dir, SYNTHESIS_KIND, key, lambda d: _read_syntheses(d, key))
+
+
+def cached_syntheses(lm: LoadedModel, layer: str, vectors: np.ndarray | torch.Tensor,
+                     cache_dir: str | os.PathLike | None, *, cache: bool = True,
+                     progress: ProgressFn | None = None, **options: Any) -> list[Synthesis]:
+    """:func:`synthesize_concepts` of ``vectors`` (n, C) through the result cache under
+    ``cache_dir`` (kind :data:`SYNTHESIS_KIND`, key :func:`synthesis_key`): computed once,
+    then read back (a read-only workspace just skips the store). ``options``: ``size``,
+    ``steps``, ``lr``, ``seed``, ``objective``, ``cos_power``, ``batch``, ``polish``.
+
+    Returns one :class:`Synthesis` per vector, in order; ``seconds`` is the optimisation time
+    per image of the run that computed it."""
+    key = synthesis_key(lm, layer, vectors, **options)
+    if cache and cache_dir is not None:
+        got = _cache.fetch(cache_dir, SYNTHESIS_KIND, key, lambda d: _read_syntheses(d, key))
+        if got is not None:
+            return got
+    syns = synthesize_concepts(lm, layer, vectors, progress=progress, **options)
+    if cache and cache_dir is not None:
+        arrays = {"images": np.stack([s.image for s in syns]),
+                  "directions": np.stack([s.direction for s in syns]).astype(np.float32),
+                  "alignments": np.stack([s.alignments for s in syns]).astype(np.float32),
+                  "seconds": np.asarray([s.seconds for s in syns], np.float64)}
+        _cache.store_arrays(cache_dir, SYNTHESIS_KIND, key, arrays)
+    return syns

@@ -13,7 +13,42 @@ A *spec* names a model the explorer can load:
 ``torchscript:PATH``             any TorchScript file (ImageNet preprocessing, 224 input)
 ``timm:ARCH:PATH``               a timm architecture + state dict
 ``torchvision:ARCH:PATH``        a torchvision architecture + state dict
+``demo-seg``                     the bundled synthetic-world segmentation UNet
+                                 (:mod:`explorer_core.demo_segnet`; 10 classes + background)
+``torchvision-seg:ARCH[:W]``     a torchvision segmentation model (``deeplabv3_resnet50|101``,
+                                 ``deeplabv3_mobilenet_v3_large``, ``fcn_resnet50|101``,
+                                 ``lraspp_mobilenet_v3_large``); ``W`` a state dict, ``random``
+                                 for random weights (plumbing), or nothing for torchvision's
+                                 COCO-with-VOC-labels weights (cache, or a download online)
+``python:FILE.py:CLASS:W``       the user's own model class from ``FILE.py`` + the state dict
+                                 ``W``; RUNS THE CODE OF ``FILE.py`` (see "User model code")
 ===============================  ==============================================================
+
+Segmentation models (``task == "segmentation"``) output per-pixel logits ``(B, K, H, W)``.
+An image counts as *predicted as A* when at least :data:`SEG_SHARE_THRESHOLD` of its pixels are
+predicted (argmax) as A; its ``pred`` is the non-background class with the largest pixel share.
+
+User model code (``python:`` specs)
+-----------------------------------
+``python:path/to/model.py:ClassName:weights.pt`` imports ``path/to/model.py`` (under a unique
+module name, with its folder first on ``sys.path`` while it imports, so it can import its
+neighbours), instantiates ``ClassName()`` -- or ``ClassName(**kwargs)`` with the ``"kwargs"``
+object of a sidecar ``model.json`` in the folder of ``weights.pt`` -- and loads ``weights.pt``
+with ``torch.load(weights_only=True)`` (strict). The task comes from the output of a probe
+input: ``(B, K)`` classification, ``(B, K, H, W)`` segmentation (a dict output uses its
+``"out"`` entry). ``model.json`` may also set ``input_size`` (default 224), ``resize`` (shorter
+side before the center crop; default ``input_size``), ``mean`` / ``std`` (default ImageNet's),
+``layer`` (the recommended layer), ``classes`` (names; else ``classes.txt`` beside the weights)
+and ``background_class`` (default: the class named ``background`` or ``__background__``). Every
+other key is refused.
+
+Importing the file runs its code with this process's rights, so such a spec is loaded only where
+a person asked for it: :func:`load_model` and :func:`shared_model` refuse it
+(:class:`UserCodeRefused`) unless called with ``allow_code=True`` or inside
+:func:`~explorer_core.trust.user_code_allowed` (the command lines wrap their whole run in it:
+the user typed the spec or owns the workspace); the app allows only files this browser session
+confirmed on the Workspace page (:func:`~explorer_core.trust.set_code_trust`, per script
+thread), never because a URL named a workspace (see :mod:`explorer_core.trust`).
 
 Image geometry and normalisation are kept apart: :meth:`LoadedModel.geometry` turns a PIL image
 into a ``(3, S, S)`` tensor in ``[0, 1]`` (resize + center crop), and :meth:`LoadedModel.normalize`
@@ -24,12 +59,18 @@ maps ``[0, 1]`` pixels to model input. Crops, stitched images and patches are cu
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import importlib.util
+import itertools
 import os
+import re
+import sys
 import threading
+import types
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -38,9 +79,16 @@ from torch import nn
 
 from .errors import ExplorerError
 from .hooks import forward_hooks
+from .trust import UserCodeRefused, code_path, code_trusted, set_code_trust, user_code_allowed
 
 __all__ = [
     "KNOWN_SPECS",
+    "SEG_ARCHS",
+    "SEG_SHARE_THRESHOLD",
+    "UserCodeRefused",
+    "code_file",
+    "set_code_trust",
+    "user_code_allowed",
     "LayerInfo",
     "LoadedModel",
     "Predictions",
@@ -66,6 +114,9 @@ _LITE = {  # name -> (timm arch, input size, resize shorter side)
     "efficientnet_lite2": ("tf_efficientnet_lite2", 260, 292),
 }
 _RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
+SEG_ARCHS = ("deeplabv3_resnet50", "deeplabv3_resnet101", "deeplabv3_mobilenet_v3_large",
+             "fcn_resnet50", "fcn_resnet101", "lraspp_mobilenet_v3_large")
+"""torchvision segmentation architectures of the ``torchvision-seg:ARCH[:W]`` spec."""
 KNOWN_SPECS = (
     "demo",
     *_LITE,
@@ -74,7 +125,16 @@ KNOWN_SPECS = (
     "torchscript:FILE",
     "timm:ARCH:STATE_DICT",
     "torchvision:ARCH:STATE_DICT",
+    "demo-seg",
+    "torchvision-seg:ARCH[:STATE_DICT|random]",
+    "python:FILE.py:CLASS:STATE_DICT",
 )
+
+SEG_SHARE_THRESHOLD = 0.05
+"""Segmentation: an image counts as *predicted as A* (for explaining, contrasting and the
+shifting / patch tests' image sets) when at least this share of its pixels is predicted (argmax)
+as A. 5 %: an object covering a 22 x 22 px patch of a 96 px image, or 50 x 50 px of 224 px, still
+counts; a few stray pixels do not."""
 
 
 def _valid_specs_text() -> str:
@@ -87,22 +147,34 @@ def _valid_specs_text() -> str:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A parsed model spec. ``str(spec)`` gives back the canonical spec string."""
+    """A parsed model spec. ``str(spec)`` gives back the canonical spec string.
 
-    kind: str  # demo | lite | resnet | resnet50_robust | torchscript | timm | torchvision
+    ``kind``: demo | lite | resnet | resnet50_robust | torchscript | timm | torchvision |
+    demo-seg | torchvision-seg | python. For ``python`` specs ``path`` is the model file,
+    ``arch`` the class name and ``weights`` the state dict."""
+
+    kind: str
     arch: str = ""
     path: str = ""
+    weights: str = ""
 
     def __str__(self) -> str:
-        if self.kind == "demo":
-            return "demo"
+        if self.kind in ("demo", "demo-seg"):
+            return self.kind
         if self.kind == "lite":
             return self.arch
         if self.kind == "resnet":
             return f"{self.arch}:{self.path}" if self.path else self.arch
         if self.kind in ("resnet50_robust", "torchscript"):
             return f"{self.kind}:{self.path}"
+        if self.kind == "torchvision-seg":
+            return f"{self.kind}:{self.arch}:{self.path}" if self.path else f"{self.kind}:{self.arch}"
+        if self.kind == "python":
+            return f"python:{self.path}:{self.arch}:{self.weights}"
         return f"{self.kind}:{self.arch}:{self.path}"
+
+
+_PYTHON_SPEC = re.compile(r"^(?P<file>.+?\.py):(?P<cls>[A-Za-z_][A-Za-z0-9_]*):(?P<weights>.+)$")
 
 
 def parse_spec(spec: str) -> ModelSpec:
@@ -111,8 +183,8 @@ def parse_spec(spec: str) -> ModelSpec:
         raise ExplorerError(f"Empty model spec; {_valid_specs_text()}")
     spec = spec.strip()
     head, _, rest = spec.partition(":")
-    if head == "demo" and not rest:
-        return ModelSpec("demo")
+    if head in ("demo", "demo-seg") and not rest:
+        return ModelSpec(head)
     if head in _LITE and not rest:
         return ModelSpec("lite", head)
     if head in _RESNETS:
@@ -127,7 +199,42 @@ def parse_spec(spec: str) -> ModelSpec:
             raise ExplorerError(f"Model spec '{spec}' needs an architecture and a state dict: "
                                 f"'{head}:ARCH:PATH'")
         return ModelSpec(head, arch, path)
+    if head == "torchvision-seg":
+        arch, _, path = rest.partition(":")
+        if arch not in SEG_ARCHS:
+            raise ExplorerError(f"Model spec '{spec}': unknown segmentation architecture "
+                                f"'{arch}'; use one of {', '.join(SEG_ARCHS)}")
+        return ModelSpec(head, arch, path)
+    if head == "python":
+        m = _PYTHON_SPEC.match(rest)
+        if m is None:
+            raise ExplorerError(f"Model spec '{spec}' needs a Python file, a class name and a "
+                                "state dict: 'python:path/to/model.py:ClassName:weights.pt'")
+        return ModelSpec("python", m["cls"], m["file"], m["weights"])
     raise ExplorerError(f"Unknown model spec '{spec}'; {_valid_specs_text()}")
+
+
+# --------------------------------------------------------------------------------------------
+# running the user's model code: only where a person asked for it
+
+def code_file(spec: str) -> str | None:
+    """The Python file a spec would import and run (absolute, resolved), or None when loading
+    the spec runs no code of the user's."""
+    parsed = parse_spec(spec)
+    return code_path(parsed.path) if parsed.kind == "python" else None
+
+
+def _check_code_allowed(spec: str, allow_code: bool) -> None:
+    path = code_file(spec)
+    if path is None or allow_code:
+        return
+    if code_trusted(path):
+        return
+    raise UserCodeRefused(
+        f"Model spec '{spec}' imports and runs the Python code in '{path}', so it is loaded "
+        "only where you ask for it: give the spec on the command line, or in the app confirm "
+        f"'I trust {Path(path).name}: load it' on the Workspace page (in Python: "
+        "load_model(spec, allow_code=True)). A link naming the workspace never runs it")
 
 
 # --------------------------------------------------------------------------------------------
@@ -284,7 +391,9 @@ class LoadedModel:
     # ---- forward ---------------------------------------------------------------------------
     @torch.no_grad()
     def logits(self, pixels: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-        """Logits ``(B, K)`` (CPU, float32) of ``[0, 1]`` pixel batches ``(B, 3, H, W)``."""
+        """Model outputs (CPU, float32) of ``[0, 1]`` pixel batches ``(B, 3, H, W)``: logits
+        ``(B, K)``, or per-pixel logits ``(B, K, H', W')`` of a segmentation model (use
+        :meth:`class_scores` for what the faithfulness tests read)."""
         out = []
         for i in range(0, len(pixels), batch_size):
             x = self.normalize(pixels[i:i + batch_size].to(self.device, torch.float32))
@@ -318,14 +427,29 @@ class LoadedModel:
             out.append(self.scores_from_outputs(self.model(x)))
         return torch.cat(out) if out else torch.zeros(0, self.num_classes)
 
+    @property
+    def score_name(self) -> str:
+        """What :meth:`class_scores` measures: ``"softmax"`` or ``"pixel share"``."""
+        return "pixel share" if self.task == "segmentation" else "softmax"
+
+    def predicted_classes(self, scores: torch.Tensor | np.ndarray
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(score, class)`` (B,) each of ``(B, K)`` class scores (tensor or array): the
+        argmax; for a segmentation model the most predicted class other than the background (an
+        image is "of" its largest object class)."""
+        scores = torch.as_tensor(scores)
+        ranked = scores
+        if self.task == "segmentation" and self.background_class is not None \
+                and scores.shape[1] > 1:
+            ranked = scores.clone()
+            ranked[:, self.background_class] = -1.0
+        conf, pred = ranked.max(dim=1)
+        return conf, pred
+
     def summarize(self, outputs: torch.Tensor) -> Predictions:
         """What the catalog stores of one forward's outputs (see :class:`Predictions`)."""
         scores = self.scores_from_outputs(outputs.detach())
-        ranked = scores.clone()
-        if self.task == "segmentation" and self.background_class is not None \
-                and ranked.shape[1] > 1:
-            ranked[:, self.background_class] = -1.0  # an image is "of" its largest object class
-        conf, pred = ranked.max(dim=1)
+        conf, pred = self.predicted_classes(scores)
         top = torch.topk(scores, min(5, scores.shape[1]), dim=1).indices
         return Predictions(pred=pred.numpy().astype(np.int64), conf=conf.numpy().astype(np.float32),
                            top5=top.numpy().astype(np.int64),
@@ -560,12 +684,261 @@ def _recommended_resnet_layer(model: nn.Module) -> str:
     return f"layer4.{last}"
 
 
-def load_model(spec: str, device: str | torch.device = "auto") -> LoadedModel:
+# --------------------------------------------------------------------------------------------
+# segmentation models and the user's own model code
+
+_SIDECAR = "model.json"
+_SIDECAR_KEYS = {"kwargs", "input_size", "resize", "mean", "std", "layer", "classes",
+                 "background_class"}
+_BACKGROUND_NAMES = ("background", "__background__")
+
+
+@dataclass
+class _Setup:
+    """What a sidecar ``model.json`` may set (None: the loader's default)."""
+
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    input_size: int | None = None
+    resize: int | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    layer: str | None = None
+    classes: list[str] | None = None
+    background_class: int | None = None
+
+
+def _triple(value: Any, key: str, path: Path) -> tuple[float, float, float]:
+    if (not isinstance(value, list) or len(value) != 3
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+        raise ExplorerError(f"'{key}' in {path} must be a list of 3 numbers (R, G, B)")
+    out = (float(value[0]), float(value[1]), float(value[2]))
+    if key == "std" and min(out) <= 0:
+        raise ExplorerError(f"'std' in {path} must be positive")
+    return out
+
+
+def _sidecar(weights: str, allow_kwargs: bool) -> _Setup:
+    """The ``model.json`` in the folder of ``weights`` (see the module docstring), checked;
+    an empty setup when there is none."""
+    from .files import read_json
+
+    path = Path(os.path.expanduser(weights)).with_name(_SIDECAR)
+    if not path.is_file():
+        return _Setup()
+    try:
+        obj = read_json(path)
+    except Exception as exc:  # noqa: BLE001 - any parse problem is a user file problem
+        raise ExplorerError(f"Cannot read {path} as JSON: {exc}") from exc
+    keys = _SIDECAR_KEYS if allow_kwargs else _SIDECAR_KEYS - {"kwargs"}
+    if not isinstance(obj, dict) or set(obj) - keys:
+        extra = sorted(set(obj) - keys) if isinstance(obj, dict) else []
+        raise ExplorerError(f"{path} must be a JSON object with keys among "
+                            f"{', '.join(sorted(keys))}" + (f"; unknown: {', '.join(extra)}"
+                                                            if extra else ""))
+    setup = _Setup()
+    if "kwargs" in obj:
+        if not isinstance(obj["kwargs"], dict):
+            raise ExplorerError(f"'kwargs' in {path} must be an object of constructor arguments")
+        setup.kwargs = dict(obj["kwargs"])
+    for key in ("input_size", "resize"):
+        if key in obj:
+            v = obj[key]
+            if not isinstance(v, int) or isinstance(v, bool) or not 8 <= v <= 8192:
+                raise ExplorerError(f"'{key}' in {path} must be a whole number of pixels in "
+                                    "8..8192")
+            setattr(setup, key, v)
+    for key in ("mean", "std"):
+        if key in obj:
+            setattr(setup, key, _triple(obj[key], key, path))
+    if "layer" in obj:
+        if not isinstance(obj["layer"], str) or not obj["layer"]:
+            raise ExplorerError(f"'layer' in {path} must be a module name")
+        setup.layer = obj["layer"]
+    if "classes" in obj:
+        names = obj["classes"]
+        if not isinstance(names, list) or not names or not all(isinstance(n, str)
+                                                                for n in names):
+            raise ExplorerError(f"'classes' in {path} must be a list of class names")
+        setup.classes = [str(n) for n in names]
+    if "background_class" in obj:
+        v = obj["background_class"]
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+            raise ExplorerError(f"'background_class' in {path} must be a class index or null")
+        setup.background_class = v
+    return setup
+
+
+def _names_for(k: int, weights: str | None, setup: _Setup, default: list[str] | None = None
+               ) -> list[str]:
+    if setup.classes is not None:
+        if len(setup.classes) != k:
+            raise ExplorerError(f"model.json lists {len(setup.classes)} classes but the model "
+                                f"outputs {k}")
+        return list(setup.classes)
+    names = _class_names_for(k, weights)
+    if default is not None and len(default) == k and names == [f"class_{i}" for i in range(k)]:
+        return list(default)
+    return names
+
+
+def _background_of(names: Sequence[str], setup: _Setup) -> int | None:
+    if setup.background_class is not None:
+        if setup.background_class >= len(names):
+            raise ExplorerError(f"background_class {setup.background_class} is not a class "
+                                f"index (0..{len(names) - 1})")
+        return setup.background_class
+    lower = [n.strip().lower() for n in names]
+    for name in _BACKGROUND_NAMES:
+        if name in lower:
+            return lower.index(name)
+    return None
+
+
+def _dense_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    """Forward of a model whose class returns ``{"out": (B, K, H, W), ...}``: the tensor."""
+    return type(self).forward(self, x)["out"]
+
+
+def _voc_names() -> list[str]:
+    import torchvision
+
+    weights = torchvision.models.segmentation.DeepLabV3_ResNet50_Weights
+    return list(weights.COCO_WITH_VOC_LABELS_V1.meta["categories"])
+
+
+def _seg_classes_of(state: dict[str, torch.Tensor]) -> int | None:
+    for key in ("classifier.4.weight", "classifier.high_classifier.weight"):
+        if key in state and state[key].dim() == 4:
+            return int(state[key].shape[0])
+    return None
+
+
+def _recommended_seg_layer(arch: str, model: nn.Module) -> str:
+    if "resnet" in arch:
+        return f"backbone.layer4.{len(model.backbone.layer4) - 1}"  # type: ignore[union-attr, arg-type]
+    if arch.startswith("deeplabv3"):
+        return "classifier.0.project"  # the ASPP output (ReLU; its Dropout is off in eval)
+    return "classifier.cbr"  # LRASPP's high-level branch (conv, BN, ReLU)
+
+
+def _load_tv_seg(arch: str, path: str) -> tuple[nn.Module, int]:
+    """A torchvision segmentation model whose forward returns ``out`` ``(B, K, H, W)`` (the
+    auxiliary head dropped) and its number of classes."""
+    import torchvision
+
+    get = torchvision.models.get_model
+    if path == "random":
+        model = get(arch, weights=None, weights_backbone=None)
+    elif path:
+        state = _load_state_dict(path)
+        k = _seg_classes_of(state) or 21
+        aux = any(key.startswith("aux_classifier.") for key in state)
+        kw: dict[str, Any] = {"aux_loss": True} if aux else {}
+        model = get(arch, weights=None, weights_backbone=None, num_classes=k, **kw)
+        _strict_load(model, state, path)
+    else:
+        try:  # torchvision's cache, or a download where online
+            model = get(arch, weights="DEFAULT")
+        except Exception as exc:  # noqa: BLE001 - network errors come in many types
+            raise ExplorerError(
+                f"Could not get torchvision's {arch} weights ({type(exc).__name__}); this "
+                f"machine may be offline. Give a state dict, 'torchvision-seg:{arch}:PATH', or "
+                f"'torchvision-seg:{arch}:random' for random weights (plumbing only)") from exc
+    if getattr(model, "aux_classifier", None) is not None:
+        model.aux_classifier = None  # type: ignore[assignment]  # not part of the prediction
+    model.forward = types.MethodType(_dense_forward, model)  # type: ignore[method-assign]
+    return model, _seg_classes_of(model.state_dict()) or 21
+
+
+_USER_MODULES = itertools.count()
+
+
+def _import_user_class(file: str, class_name: str) -> type:
+    """Import ``file`` under a unique module name (its folder first on ``sys.path`` while it
+    imports) and return its class ``class_name``. RUNS THE FILE'S CODE."""
+    path = _require_file(file, "Model file")
+    if path.suffix != ".py":
+        raise ExplorerError(f"Model file '{file}' is not a .py file")
+    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+    name = f"_explorer_user_model_{digest}_{next(_USER_MODULES)}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ExplorerError(f"Cannot import '{file}' as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    folder = str(path.resolve().parent)
+    sys.modules[name] = module
+    sys.path.insert(0, folder)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # noqa: BLE001 - the user's code can raise anything
+        sys.modules.pop(name, None)
+        raise ExplorerError(f"Importing '{file}' failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(folder)
+    cls = getattr(module, class_name, None)
+    if not isinstance(cls, type) or not issubclass(cls, nn.Module):
+        found = sorted(k for k, v in vars(module).items()
+                       if isinstance(v, type) and issubclass(v, nn.Module)
+                       and v.__module__ == name)
+        raise ExplorerError(f"'{file}' has no torch.nn.Module class '{class_name}'"
+                            + (f"; it defines {', '.join(found)}" if found else ""))
+    return cls
+
+
+def _load_python(parsed: ModelSpec, dev: torch.device) -> LoadedModel:
+    """The user's model class (see "User model code" in the module docstring)."""
+    _require_file(parsed.path, "Model file")
+    setup = _sidecar(parsed.weights, allow_kwargs=True)
+    state = _load_state_dict(parsed.weights)
+    cls = _import_user_class(parsed.path, parsed.arch)
+    try:
+        model = cls(**setup.kwargs)
+    except Exception as exc:  # noqa: BLE001 - the user's code can raise anything
+        how = "with the kwargs of model.json" if setup.kwargs else "without arguments"
+        raise ExplorerError(f"{parsed.arch}() {how} failed: {type(exc).__name__}: {exc}; "
+                            "give constructor arguments as \"kwargs\" in a model.json beside "
+                            "the weights") from exc
+    _strict_load(model, state, parsed.weights)
+    model.eval()
+    size = setup.input_size or 224
+    mean, std = setup.mean or IMAGENET_MEAN, setup.std or IMAGENET_STD
+    probe = (torch.full((1, 3, size, size), 0.5) - torch.tensor(mean).view(1, 3, 1, 1)) \
+        / torch.tensor(std).view(1, 3, 1, 1)
+    try:
+        with torch.no_grad():
+            out = model(probe)
+    except Exception as exc:  # noqa: BLE001
+        raise ExplorerError(f"{parsed.arch} fails on a {size}x{size} probe image: "
+                            f"{type(exc).__name__}: {exc}; set input_size in a model.json "
+                            "beside the weights") from exc
+    if isinstance(out, dict) and isinstance(out.get("out"), torch.Tensor):
+        model.forward = types.MethodType(_dense_forward, model)  # type: ignore[method-assign]
+        out = out["out"]
+    if not isinstance(out, torch.Tensor) or out.dim() not in (2, 4):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ExplorerError(f"{parsed.arch} returns {shape}; the explorer needs logits (B, K) "
+                            "(classification) or (B, K, H, W) (segmentation)")
+    task = "classification" if out.dim() == 2 else "segmentation"
+    k = int(out.shape[1])
+    names = _names_for(k, parsed.weights, setup)
+    return LoadedModel(str(parsed), model, dev, size, setup.resize or size, mean, std, names,
+                       setup.layer, Image.Resampling.BILINEAR, task=task,
+                       background_class=(_background_of(names, setup)
+                                         if task == "segmentation" else None))
+
+
+def load_model(spec: str, device: str | torch.device = "auto", *,
+               allow_code: bool = False) -> LoadedModel:
     """Build a :class:`LoadedModel` from a spec string (see the module docstring).
 
-    Raises :class:`ExplorerError` for a bad spec, a missing file or weights that do not fit.
+    A ``python:`` spec runs the code of its file: it is refused (:class:`UserCodeRefused`)
+    unless ``allow_code`` is set or the call is inside :func:`user_code_allowed` (or the file
+    was trusted with :func:`set_code_trust`). Raises :class:`ExplorerError` for a bad spec, a
+    missing file or weights that do not fit.
     """
     parsed = parse_spec(spec)
+    _check_code_allowed(spec, allow_code)
     dev = resolve_device(device)
     bilinear, bicubic = Image.Resampling.BILINEAR, Image.Resampling.BICUBIC
     if parsed.kind == "demo":
@@ -574,6 +947,25 @@ def load_model(spec: str, device: str | torch.device = "auto") -> LoadedModel:
         model, names, size, mean, std = load_demo("cpu")
         lm = LoadedModel(str(parsed), model, dev, size, size, mean, std,
                          list(names), DEMO_LAYER, bilinear)
+    elif parsed.kind == "demo-seg":
+        from .demo_segnet import BACKGROUND, DEMO_SEG_LAYER, load_demo_seg
+
+        model, names, size, mean, std = load_demo_seg("cpu")
+        lm = LoadedModel(str(parsed), model, dev, size, size, mean, std, list(names),
+                         DEMO_SEG_LAYER, bilinear, task="segmentation",
+                         background_class=list(names).index(BACKGROUND))
+    elif parsed.kind == "torchvision-seg":
+        model, k = _load_tv_seg(parsed.arch, parsed.path)
+        weights = parsed.path if parsed.path not in ("", "random") else None
+        setup = _sidecar(weights, allow_kwargs=False) if weights else _Setup()
+        names = _names_for(k, weights, setup, _voc_names())
+        size = setup.input_size or 224
+        lm = LoadedModel(str(parsed), model, dev, size, setup.resize or size,
+                         setup.mean or IMAGENET_MEAN, setup.std or IMAGENET_STD, names,
+                         setup.layer or _recommended_seg_layer(parsed.arch, model), bilinear,
+                         task="segmentation", background_class=_background_of(names, setup))
+    elif parsed.kind == "python":
+        lm = _load_python(parsed, dev)
     elif parsed.kind == "lite":
         model, size, resize = _load_lite(parsed.arch)
         lm = LoadedModel(str(parsed), model, dev, size, resize, LITE_MEAN, LITE_STD,
@@ -606,6 +998,11 @@ def load_model(spec: str, device: str | torch.device = "auto") -> LoadedModel:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             spatial = [l for l in lm.candidate_layers() if l.nonnegative]
+        if spatial and lm.task == "segmentation":
+            # the bottleneck (the coarsest non-negative layer, its last module), as the paper's
+            # layer3.2 of a UNet encoder, not the decoder's last ReLU before the head
+            coarsest = min(l.shape[1] * l.shape[2] for l in spatial)
+            spatial = [l for l in spatial if l.shape[1] * l.shape[2] == coarsest]
         if spatial:
             lm.recommended_layer = spatial[-1].name
             lm._layers = None
@@ -619,18 +1016,24 @@ _SHARED: dict[tuple[str, str], LoadedModel] = {}
 _SHARED_LOCK = threading.Lock()
 
 
-def shared_model(spec: str, device: str | torch.device = "auto") -> LoadedModel:
+def shared_model(spec: str, device: str | torch.device = "auto", *,
+                 allow_code: bool = False) -> LoadedModel:
     """The process-wide :class:`LoadedModel` of ``spec`` on ``device``, loaded on first use.
 
     The catalog build, explanations, tests of explanations, the app's pages and the command
     lines all take their model from here, so a process holds one copy per (model, device)
     whatever the number of workspaces, pages or sessions using it. Treat it as read-only:
-    temporary hooks must be removed on exit (:mod:`explorer_core.hooks`)."""
+    temporary hooks must be removed on exit (:mod:`explorer_core.hooks`).
+
+    A ``python:`` spec is refused unless allowed *for this call* (``allow_code`` or
+    :func:`user_code_allowed` / :func:`set_code_trust`), also when another caller already
+    loaded it: one browser session's trust never serves another's."""
+    _check_code_allowed(spec, allow_code)
     key = (str(parse_spec(spec)), str(resolve_device(device)))
     with _SHARED_LOCK:
         lm = _SHARED.get(key)
         if lm is None:
-            lm = _SHARED[key] = load_model(spec, device)
+            lm = _SHARED[key] = load_model(spec, device, allow_code=True)
         return lm
 
 

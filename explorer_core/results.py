@@ -22,7 +22,8 @@ that was not found by a search, is ``null``)::
      "classifier": {class_a, class_b, bias, solver, epochs, lr, accuracy, n_pixels_a,
                     n_pixels_b, seconds, loss} or null,
      "prediction_test", "prediction_test_excluded": {target, exclude_target, crop_ids,
-                    prob_target, predicted, prob_predicted, passed, higher_is_better} or null,
+                    prob_target, predicted, prob_predicted, passed, higher_is_better,
+                    score ("softmax" | "pixel share"; absent in older files: softmax)} or null,
      "timings": {stage: seconds}, "warnings": [text],
      "arrays": {name: {"shape": [...], "dtype": "..."}}}        (what arrays.npz holds)
 
@@ -164,7 +165,12 @@ class ClassifierInfo:
 @dataclass
 class PredictionTestResult:
     """Stitched-crops prediction test (paper §4.3): the top-1 crop of each concept stacked along
-    the height, fed without resizing. Higher ``prob_target`` is better; ``passed`` = A is argmax."""
+    the height, fed without resizing. Higher ``prob_target`` is better; ``passed`` = A is argmax.
+
+    ``score`` says what the probabilities are: ``"softmax"`` (a classifier's softmax of A), or
+    ``"pixel share"`` (a segmentation model: the share of the stitched image's pixels predicted
+    as A; ``predicted`` is then the most predicted class other than the background, and the
+    test passes when that is A)."""
 
     target: int
     exclude_target: bool
@@ -175,12 +181,14 @@ class PredictionTestResult:
     passed: bool
     stitched: np.ndarray = field(repr=False, default_factory=lambda: np.zeros((0, 0, 3), np.uint8))
     higher_is_better: bool = True
+    score: str = "softmax"
 
 
 @dataclass
 class ShiftTestResult:
     """Hyperplane shifting test (paper §5.2.1): Y's output of images predicted as B replaced by
-    ``relu(a + t * w)``; ``mean_prob_a[i]`` is the mean softmax of A at ``offsets[i]``.
+    ``relu(a + t * w)``; ``mean_prob_a[i]`` is the mean softmax of A at ``offsets[i]`` (for a
+    segmentation model, ``score == "pixel share"``: the mean share of pixels predicted as A).
     Higher ``max_prob_a`` is better (the direction really moves the model to A)."""
 
     class_a: int
@@ -194,12 +202,14 @@ class ShiftTestResult:
     n_images: int
     image_ids: list[int] = field(default_factory=list)
     higher_is_better: bool = True
+    score: str = "softmax"
 
 
 @dataclass
 class PatchTestResult:
     """Patch insertion test (paper §6). Probabilities ``(N,)`` per image for A and B, before,
-    after inserting the patch and with the control fill of the same area.
+    after inserting the patch and with the control fill of the same area (softmax; for a
+    segmentation model, ``score == "pixel share"``: the share of pixels predicted as A / B).
     Higher ``mean_delta_a - mean_control_delta_a`` supports the hypothesis that the patch's
     content drives A."""
 
@@ -216,6 +226,7 @@ class PatchTestResult:
     prob_b_after: np.ndarray
     prob_b_control: np.ndarray
     higher_is_better: bool = True
+    score: str = "softmax"
 
     @property
     def mean_delta_a(self) -> float:
@@ -297,7 +308,7 @@ _CROP_FIELDS = ("crop_id", "image_id", "path", "row", "col", "box", "crop_pred",
 _CLASSIFIER_FIELDS = ("class_a", "class_b", "bias", "solver", "epochs", "lr", "accuracy",
                       "n_pixels_a", "n_pixels_b", "seconds", "loss")
 _TEST_FIELDS = ("target", "exclude_target", "crop_ids", "prob_target", "predicted",
-                "prob_predicted", "passed", "higher_is_better")
+                "prob_predicted", "passed", "higher_is_better", "score")
 
 
 def _finite(x: Any) -> float | None:
@@ -438,7 +449,8 @@ def explanation_from_record(record: Mapping[str, Any], arrays: Mapping[str, np.n
                 crop_ids=[int(i) for i in t["crop_ids"]], prob_target=_num(t["prob_target"]),
                 predicted=int(t["predicted"]), prob_predicted=_num(t["prob_predicted"]),
                 passed=bool(t["passed"]), stitched=stitched,
-                higher_is_better=bool(t.get("higher_is_better", True)))
+                higher_is_better=bool(t.get("higher_is_better", True)),
+                score=str(t.get("score", "softmax")))
     class_b = record["class_b"]
     params = record["params"]
     timings = record.get("timings") or {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pages.ui import access, errors, pictures, resources, state, views, widgets
+from pages.ui import access, errors, pictures, resources, state, synthesis, views, widgets
 
 access.lead_page()
 
@@ -58,6 +58,7 @@ if pt is not None:
     views.prediction_mark(pt, lm)
 st.subheader("Contrasted concepts")
 views.concept_grid(ws, lm, explanation, excl, "co")
+synthesis.synthesis_panel(ws, lm, explanation, "co")
 
 # ---- shifting test ---------------------------------------------------------------------------
 st.subheader("Shifting test")
@@ -95,7 +96,7 @@ with errors.guard("running the shifting test"):
     fig.add_trace(go.Scatter(x=xs, y=shift.mean_prob_b, mode="lines+markers",
                              name=f"P({names[b]}) (B)"))
     fig.update_xaxes(type="category")  # numeric-looking strings would get a linear axis
-    fig.update_layout(xaxis_title="offset t (categorical)", yaxis_title="mean softmax",
+    fig.update_layout(xaxis_title="offset t (categorical)", yaxis_title=f"mean {shift.score}",
                       yaxis_range=[0, 1], height=340, margin=dict(l=10, r=10, t=30, b=10))
     st.plotly_chart(fig, key="co_shift_chart")
     m = st.columns(3)
@@ -117,7 +118,8 @@ with errors.guard("running the shifting test"):
                "and the class the model now predicts.")
     cols = st.columns(max(1, len(sample)))
     for col, image_id, p in zip(cols, sample, per_image):
-        pa, pb, pred = float(p[a]), float(p[b]), int(p.argmax())
+        pa, pb = float(p[a]), float(p[b])
+        pred = int(lm.predicted_classes(p[None])[1][0])  # a segmenter: never "background"
         col.image(pictures.upscale(pictures.image_pic(ws, image_id), 128), width="stretch",
                   caption=f"image {image_id}")
         col.markdown(f"P(A) **{pa:.2f}**  \nP(B) {pb:.2f}  \n"

@@ -8,7 +8,7 @@ from pathlib import Path
 import streamlit as st
 
 from explorer_core.errors import ExplorerError
-from pages.ui import access, errors, progress, resources, state, widgets
+from pages.ui import access, errors, progress, resources, state, trust, widgets
 
 access.lead_page()
 
@@ -82,6 +82,8 @@ def _show(name: str) -> None:
     if name == resources.DEFAULT_WORKSPACE and not resources.demo_ready():
         resources.ensure_demo()
     ws = workspace_from_url(name)  # a name from the URL: never a folder path
+    if not trust.confirm(ws.model, "home_trust"):
+        return  # its model runs a user's file: nothing is built or loaded before the OK
     try:
         resources.open_catalog(ws)
         complete = True
@@ -116,7 +118,11 @@ with st.expander("Create a workspace", expanded=False):
     lm = None
     if spec:
         with errors.guard("loading the model"):
-            lm = resources.model(spec.strip(), "auto")
+            # a python: spec runs its file: only after the warning and this session's OK
+            if trust.confirm(spec.strip(), "new_trust"):
+                lm = resources.model(spec.strip(), "auto", allow_code=True)
+    if lm is not None:
+        with errors.guard("listing the model's layers"):
             layers = [l for l in lm.candidate_layers()]
             labels = {l.name: l.label() for l in layers}
             rec = lm.recommended_layer if lm.recommended_layer in labels else layers[-1].name

@@ -87,8 +87,9 @@ def test_patch_insertion_fills(tiny, monkeypatch):
     imgs = torch.rand(3, 3, 30, 30)
     patch = torch.full((3, 10, 10), 0.9)
     seen = []
-    orig = tiny.logits
-    monkeypatch.setattr(tiny, "logits", lambda x, **k: (seen.append(x.clone()), orig(x))[1])
+    orig = tiny.class_scores  # what every test reads (softmax, or a segmenter's pixel shares)
+    monkeypatch.setattr(tiny, "class_scores",
+                        lambda x, **k: (seen.append(x.clone()), orig(x))[1])
     res = patch_insertion(tiny, imgs, patch, 0, 1, "bottom-right", control="mean")
     before, after, ctrl = seen
     assert res.box == (20, 20, 30, 30)

@@ -56,11 +56,14 @@ def test_parse_spec_round_trip(spec):
 
 def test_every_listed_spec_form_parses_and_is_named_in_errors():
     filled = [k.replace("[:WEIGHTS]", "").replace("CHECKPOINT", "/c.pt").replace("FILE", "/m.pt")
-              .replace("ARCH", "resnet18").replace("STATE_DICT", "/s.pth") for k in KNOWN_SPECS]
+              .replace("seg:ARCH", "seg:fcn_resnet50").replace("ARCH", "resnet18")
+              .replace("[:STATE_DICT|random]", ":STATE_DICT").replace("CLASS", "Net")
+              .replace("STATE_DICT", "/s.pth") for k in KNOWN_SPECS]
     parsed = [parse_spec(f) for f in filled]
     assert [str(p) for p in parsed] == filled
     assert {p.kind for p in parsed} == {"demo", "lite", "resnet", "resnet50_robust",
-                                        "torchscript", "timm", "torchvision"}
+                                        "torchscript", "timm", "torchvision", "demo-seg",
+                                        "torchvision-seg", "python"}
     assert {p.arch for p in parsed if p.kind == "lite"} == {
         "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"}
     with pytest.raises(ExplorerError) as e:

@@ -9,4 +9,6 @@ comes from ``explainer`` / ``data_index``):
 ``pictures``  crops, images, boxes and heatmap overlays as arrays
 ``widgets``   class pickers and the method's settings
 ``views``     shared renderers (prediction test verdict, concept crops, heatmaps, run-or-load)
+``trust``     the user's own model code runs only after this browser session confirmed it
+``synthesis`` concepts synthesised by optimisation beside their nearest crops, on demand
 """

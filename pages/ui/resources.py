@@ -20,7 +20,7 @@ import streamlit as st
 from data_index.catalog import Catalog
 from data_index.workspace import Workspace, list_workspaces, workspace_from_url, workspaces_home
 from explorer_core.errors import ExplorerError
-from explorer_core.models import shared_model
+from explorer_core.models import UserCodeRefused, shared_model
 
 from .progress import ProgressBar
 from .state import qp, restore_shared, set_qp
@@ -32,9 +32,14 @@ DEFAULT_WORKSPACE = "demo"
 # models and catalogs
 
 
-def model(spec: str, device: str = "auto") -> Any:
-    """The process-wide loaded model of ``spec`` on ``device``."""
-    return shared_model(spec, device)
+def model(spec: str, device: str = "auto", *, allow_code: bool = False) -> Any:
+    """The process-wide loaded model of ``spec`` on ``device``. A ``python:`` spec loads only
+    when this browser session trusted its file (:mod:`pages.ui.trust`) or with ``allow_code``
+    (the Workspace page's create form, after its warning and confirmation)."""
+    from . import trust
+
+    trust.apply()
+    return shared_model(spec, device, allow_code=allow_code)
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)
@@ -194,6 +199,11 @@ def context(build_demo: bool = True) -> tuple[Workspace, Catalog, Any]:
     cat = require_catalog(ws)
     try:
         lm = model(ws.model, ws.device)
+    except UserCodeRefused as err:  # a link never runs a user's model file
+        st.error(str(err), icon=":material/code_off:")
+        st.page_link("pages/home.py", label="Review the model file on the Workspace page",
+                     icon=":material/home:")
+        st.stop()
     except ExplorerError as err:
         st.error(str(err), icon=":material/warning:")
         st.stop()
