@@ -3,6 +3,7 @@
     python bench/bench_pairs.py [--workspace WS] [--j 100,243] [--method deeplift]
                                 [--min-images 3] [--separate 10] [--repeat 3] [--device cpu]
                                 [--pixels FILE.npz]
+    python bench/bench_pairs.py --synthetic 2000 --channels 2048 --j 100,999 --device cuda
 
 On a workspace (default $LITE0_WORKSPACE: EfficientNet-Lite0 over the 2000 shared photos, whose
 244 classes with >= 3 predicted images give J up to 243), every eligible class's contrast
@@ -14,7 +15,10 @@ the first J other classes are trained
 - separately (``train_classifier``, solver ``sgd``) for ``--separate`` of them, timed, and the
   separate total extrapolated to J;
 
-and the batched weights are checked against the separate ones (max |dw|). The last line is one
+and the batched weights are checked against the separate ones (max |dw|). ``--synthetic N``
+uses no workspace: every class gets N random non-negative pixels of ``--channels`` channels
+(ImageNet-like shapes for a GPU run; J + 1 classes x N x C x 4 bytes must fit the device, about
+1.25x that while training). The last line is one
 JSON object with the figures per J, plus the shapes needed to extrapolate (pixels of A, pixels
 of all B, channels).
 """
@@ -65,12 +69,29 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--synthetic", type=int, default=0,
+                    help="pixels per class of random synthetic classes (no workspace)")
+    ap.add_argument("--channels", type=int, default=2048, help="with --synthetic")
     ap.add_argument("--pixels", default=None,
                     help="an .npz to keep the contrast pixels in between runs (read if present)")
     args = ap.parse_args()
-    if not args.workspace:
-        sys.exit("error: give --workspace or set LITE0_WORKSPACE")
     torch.set_num_threads(args.threads)
+    if args.synthetic:
+        n_cls = max(int(x) for x in args.j.split(",")) + 1
+        g = torch.Generator().manual_seed(0)
+        classes = list(range(n_cls))
+        pix = {c: (torch.randn(args.synthetic, args.channels, generator=g) * 0.5
+                   + 1.0 + 0.02 * (c % 7)).abs() for c in classes}
+    elif not args.workspace:
+        sys.exit("error: give --workspace, set LITE0_WORKSPACE or use --synthetic N")
+    else:
+        pix = workspace_pixels(args)
+    a = max(pix, key=lambda c: len(pix[c]))
+    others = [c for c in pix if c != a and len(pix[c])]
+    run(args, pix, a, others)
+
+
+def workspace_pixels(args) -> dict[int, torch.Tensor]:
     ctx = get_context(args.workspace, args.device)
     classes = eligible_classes(ctx, args.min_images)
     print(f"{ctx.ws.name}: {len(classes)} classes with >= {args.min_images} images, layer "
@@ -85,9 +106,11 @@ def main() -> None:
             from explorer_core.files import write_npz
 
             write_npz(args.pixels, {f"c{c}": x.numpy() for c, x in pix.items()})
-    a = max(pix, key=lambda c: len(pix[c]))
-    others = [c for c in classes if c != a and len(pix[c])]
-    dev = torch.device(args.device)
+    return pix
+
+
+def run(args, pix: dict[int, torch.Tensor], a: int, others: list[int]) -> None:
+    dev = torch.device(args.device)  # pixels stay on the host: both timings include the copy
     result: dict[str, dict] = {}
     print("| J | pixels A | pixels B (all) | batched s | separate s/pair | separate x J s | "
           "speed-up | max abs dw |")

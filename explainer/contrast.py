@@ -380,7 +380,7 @@ def train_pair_classifiers(x_a: torch.Tensor | np.ndarray,
     if len(set(int(c) for c in classes_b)) != J or int(class_a) in {int(c) for c in classes_b}:
         raise ExplorerError(f"Classes B {list(classes_b)} repeat a class or contain class A "
                             f"({class_a}); give each other class once")
-    xa = torch.as_tensor(np.asarray(x_a), dtype=torch.float32, device=device)
+    xa = _f32(x_a, device)
     sizes = [len(x) for x in x_bs]
     empty = [int(c) for c, n in zip(classes_b, sizes) if n == 0]
     if len(xa) == 0 or empty:
@@ -388,7 +388,7 @@ def train_pair_classifiers(x_a: torch.Tensor | np.ndarray,
         raise ExplorerError(f"Class {which} has no pixels with positive attribution to train the "
                             "contrast classifier; use more images or another attribution method")
     C = xa.shape[1]
-    if any(np.asarray(x).shape[1:] != (C,) for x in x_bs):
+    if any(tuple(x.shape[1:]) != (C,) for x in x_bs):
         raise ValueError(f"B pixels must have A's {C} channels")
     buckets = _pad_buckets(x_bs, sizes, device)
     n = len(xa) + torch.as_tensor(sizes, dtype=torch.float32, device=device)  # (J,)
@@ -429,6 +429,13 @@ def train_pair_classifiers(x_a: torch.Tensor | np.ndarray,
                            lr=float(lr), seconds=time.perf_counter() - t0)
 
 
+def _f32(x: torch.Tensor | np.ndarray, device: str | torch.device) -> torch.Tensor:
+    """``x`` as a float32 tensor on ``device`` (no copy when it is one already)."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device, dtype=torch.float32)
+    return torch.as_tensor(np.asarray(x), dtype=torch.float32, device=device)
+
+
 def _pad_buckets(x_bs: Sequence[torch.Tensor | np.ndarray], sizes: Sequence[int],
                  device: str | torch.device, slack: float = 1.25
                  ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -450,11 +457,11 @@ def _pad_buckets(x_bs: Sequence[torch.Tensor | np.ndarray], sizes: Sequence[int]
     out = []
     for g in groups:
         L = sizes[g[0]]
-        C = np.asarray(x_bs[g[0]]).shape[1]
+        C = int(x_bs[g[0]].shape[1])
         xp = torch.zeros(len(g), L, C, dtype=torch.float32, device=device)
         mask = torch.zeros(len(g), L, dtype=torch.float32, device=device)
         for k, j in enumerate(g):
-            xp[k, :sizes[j]] = torch.as_tensor(np.asarray(x_bs[j]), dtype=torch.float32)
+            xp[k, :sizes[j]] = _f32(x_bs[j], device)
             mask[k, :sizes[j]] = 1.0
         out.append((torch.as_tensor(g, dtype=torch.long, device=device), xp, mask))
     return out
