@@ -1,4 +1,5 @@
-"""Command line: ``python -m explainer {explain, contrast, synthesize, evaluate} ...``.
+"""Command line: ``python -m explainer {explain, contrast, synthesize, evaluate, precompute,
+export} ...``.
 
 User errors (:class:`ExplorerError`) print ``error: <message>`` on stderr and exit 2, without a
 traceback. Progress bars go to stderr.
@@ -17,7 +18,16 @@ from explainer.report import write_explanation
 from explorer_core.errors import ExplorerError
 from explorer_core.trust import user_code_allowed
 
-from .args import CliParser, class_list, int_range, output_folder, positive_int, seed, workspace_arg
+from .args import (
+    CliParser,
+    class_list,
+    int_range,
+    output_file,
+    output_folder,
+    positive_int,
+    seed,
+    workspace_arg,
+)
 from .common import ProgressBar, open_workspace
 
 __all__ = ["main", "write_explanation"]
@@ -94,7 +104,123 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--classifier-solver", default="sgd", choices=["sgd", "lbfgs"])
     sh.add_argument("--device", default="auto")
     sh.add_argument("--out", required=True, type=output_folder)
+    _add_precompute(sub)
+    _add_export(sub)
     return ap
+
+
+METHODS = ["deeplift", "grad_x_act", "deeplift_smoothgrad"]
+
+
+def _result_settings(p: argparse.ArgumentParser) -> None:
+    """The parameters a precomputed explanation is stored under (the app's defaults)."""
+    p.add_argument("--workspace", required=True, type=workspace_arg,
+                   help="workspace name or folder")
+    p.add_argument("--n", type=int_range(1, 10), default=4,
+                   help="number of concepts (1..10, default 4)")
+    p.add_argument("--method", default="deeplift", choices=METHODS)
+    p.add_argument("--variant", default="paper", choices=["paper", "reference"])
+    p.add_argument("--max-images", type=positive_int, default=500,
+                   help="images per class (>= 1, default 500)")
+    p.add_argument("--seed", type=seed, default=0, help="0..2**32-1")
+    p.add_argument("--m", type=int_range(1, MAX_CROPS_PER_CONCEPT), default=8,
+                   help=f"crops per concept (1..{MAX_CROPS_PER_CONCEPT}, default 8)")
+    p.add_argument("--solver", default="sklearn", choices=["sklearn", "torch"],
+                   help="NMF solver")
+    p.add_argument("--clamp", action="store_true", help="clamp negative activations")
+    p.add_argument("--device", default="auto")
+
+
+def _add_precompute(sub: Any) -> None:
+    pc = sub.add_parser("precompute", help="precompute and store the explanations of many "
+                        "classes and the classifiers of their pairs (resumable)")
+    _result_settings(pc)
+    which = pc.add_mutually_exclusive_group(required=True)
+    which.add_argument("--classes", type=class_list, default=None,
+                       help="comma-separated class names or indices")
+    which.add_argument("--all", dest="all_classes", action="store_true",
+                       help="every class with at least --min-images predicted images")
+    pc.add_argument("--min-images", type=positive_int, default=1,
+                    help="with --all: classes with at least this many images (default 1)")
+    pc.add_argument("--pairs", default="none", choices=["none", "all", "confusable"],
+                    help="which pairs' contrast classifiers to train (default none)")
+    pc.add_argument("--contrasts", action="store_true",
+                    help="also store each pair's contrasted explanation, both directions")
+    pc.add_argument("--confusable-top", type=int_range(2, 5), default=2,
+                    help="confusable: the other class among ranks 2..K of the top-5 (default "
+                         "2, the runner-up)")
+    pc.add_argument("--confusable-min", type=positive_int, default=3,
+                    help="confusable: at least this many such images, both ways (default 3)")
+    pc.add_argument("--confusable-partners", type=positive_int, default=10,
+                    help="confusable: at most this many partners per class (default 10)")
+    pc.add_argument("--images-per-block", type=positive_int, default=1024,
+                    help="images attributed together (bounds memory, default 1024)")
+    pc.add_argument("--block-mb", type=positive_int, default=None,
+                    help="MiB of B pixels per batched classifier training (default: a fifth "
+                         "of the free GPU memory, 512 on the CPU)")
+    pc.add_argument("--json", dest="json_out", type=output_file(".json"), default=None,
+                    help="also write the summary to this .json file")
+
+
+def _add_export(sub: Any) -> None:
+    ex = sub.add_parser("export", help="write every precomputed result into a folder")
+    _result_settings(ex)
+    ex.add_argument("--exclude-target", action="store_true",
+                    help="the crop PNGs with target-class crops excluded")
+    ex.add_argument("--out", required=True, type=output_folder,
+                    help="output folder (new, empty, or an earlier export: replaced)")
+
+
+def _settings_of(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(n_concepts=args.n, method=args.method, variant=args.variant,
+                max_images=args.max_images, seed=args.seed, m=args.m, solver=args.solver,
+                clamp=args.clamp)
+
+
+def _run_precompute(args: argparse.Namespace) -> int:
+    from explainer.concepts import get_context
+    from explainer.precompute import precompute
+
+    ctx = get_context(open_workspace(args.workspace), args.device)
+    with ProgressBar("precompute") as cb:
+        res = precompute(ctx, args.classes, all_classes=args.all_classes, pairs=args.pairs,
+                         min_images=args.min_images, contrasts=args.contrasts,
+                         confusable_top=args.confusable_top,
+                         confusable_min=args.confusable_min,
+                         confusable_partners=args.confusable_partners,
+                         images_per_block=args.images_per_block,
+                         block_bytes=None if args.block_mb is None else args.block_mb << 20,
+                         progress=cb, **_settings_of(args))
+    for what, msg in res.failed.items():
+        print(f"warning: {what}: {msg}", file=sys.stderr)
+    secs = ", ".join(f"{k} {v:.1f} s" for k, v in res.seconds.items())
+    print(f"precomputed {len(res.classes)} classes ({res.explained} now, "
+          f"{res.explained_cached} stored before), {res.pairs} pairs ({res.pairs_trained} "
+          f"trained now, {res.pairs_cached} stored before)"
+          + (f", {res.contrasts} contrasts ({res.contrasts_computed} now)" if args.contrasts
+             else "") + f"; {secs}")
+    summary = res.to_json()
+    if args.json_out is not None:
+        args.json_out.write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary))
+    return 0
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from explainer.concepts import get_context
+    from explainer.precompute import export_precomputed
+
+    ctx = get_context(open_workspace(args.workspace), args.device)
+    with ProgressBar("export") as cb:
+        res = export_precomputed(ctx, args.out, exclude_target=args.exclude_target,
+                                 progress=cb, **_settings_of(args))
+    for what in res.missing:
+        print(f"warning: {what} is no longer stored (catalog rebuilt or cache deleted?); "
+              "run precompute again", file=sys.stderr)
+    print(f"wrote {res.out}: {res.explanations} explanations, {res.contrasts} contrasts, "
+          f"{res.pairs} pair classifiers (index.csv, pairs.csv, pairs.parquet, "
+          "pair_weights.npz)")
+    return 0
 
 
 def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
@@ -125,6 +251,10 @@ def run(argv: Sequence[str] | None = None) -> int:
     import torch  # after the arguments are checked: a bad one fails in a fraction of a second
 
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 8)))
+    if args.cmd == "precompute":
+        return _run_precompute(args)
+    if args.cmd == "export":
+        return _run_export(args)
     from explainer.concepts import explain_class, get_context
 
     if args.cmd == "synthesize":

@@ -740,6 +740,15 @@ class Catalog:
         return [int(r[0]) for r in
                 self._q("SELECT image_id FROM images WHERE pred = ? ORDER BY image_id", [int(cls)])]
 
+    def confusion_counts(self, top: int = 2) -> list[tuple[int, int, int]]:
+        """``(a, b, count)``: how many images predicted as class ``a`` have class ``b`` among
+        their ranks 2..``top`` of the top-5 (``top=2``: ``b`` is the runner-up), for every such
+        pair with a count > 0. ``top`` is clipped to 2..5."""
+        top = max(2, min(5, int(top)))
+        return [(int(a), int(b), int(n)) for a, b, n in self._q(
+            f"""SELECT a, b, count(*) FROM (SELECT pred AS a, unnest(top5[2:{top}]) AS b
+                FROM images) WHERE a <> b GROUP BY a, b ORDER BY a, b""")]
+
     def image_ids_with_label(self, label: int) -> list[int]:
         return [int(r[0]) for r in self._q(
             "SELECT image_id FROM images WHERE label = ? ORDER BY image_id", [int(label)])]

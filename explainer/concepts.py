@@ -44,7 +44,7 @@ from .nmf import SOLVERS, concept_order, nmf
 
 __all__ = ["ExplainContext", "explain_class", "resolve_class", "class_images",
            "class_attributions", "attribute_classes", "explanation_from_activations",
-           "explanation_from_concepts", "MAX_CONCEPTS"]
+           "explanation_from_concepts", "explain_params", "MAX_CONCEPTS"]
 
 MAX_CONCEPTS = 10
 
@@ -385,6 +385,16 @@ def explanation_from_concepts(ctx: ExplainContext, H: np.ndarray, importance: np
                        timings=timings, warnings=warnings)
 
 
+def explain_params(ctx: ExplainContext, class_a: int, *, n_concepts: int = 4,
+                   method: str = "deeplift", variant: str = "paper", max_images: int = 500,
+                   seed: int = 0, m: int = 8, solver: str = "sklearn", clamp: bool = False
+                   ) -> dict[str, Any]:
+    """The cache key parameters of :func:`explain_class` (class index already resolved)."""
+    return {**ctx.base_params(), "class_a": int(class_a), "n": int(n_concepts),
+            "method": method, "variant": variant, "max_images": int(max_images),
+            "seed": int(seed), "m": int(m), "solver": solver, "clamp": bool(clamp)}
+
+
 def explain_class(ws_or_ctx: Any, class_a: int | str, *, n_concepts: int = 4,
                   method: str = "deeplift", variant: str = "paper", max_images: int = 500,
                   seed: int = 0, m: int = 8, solver: str = "sklearn",
@@ -414,9 +424,8 @@ def explain_class(ws_or_ctx: Any, class_a: int | str, *, n_concepts: int = 4,
     ctx = get_context(ws_or_ctx, device)
     _check_params(n_concepts, method, variant, solver, max_images, m)
     a = resolve_class(ctx.lm, class_a)
-    params = {**ctx.base_params(), "class_a": a, "n": int(n_concepts), "method": method,
-              "variant": variant, "max_images": int(max_images), "seed": int(seed), "m": int(m),
-              "solver": solver, "clamp": bool(clamp)}
+    params = explain_params(ctx, a, n_concepts=n_concepts, method=method, variant=variant,
+                            max_images=max_images, seed=seed, m=m, solver=solver, clamp=clamp)
     if cache:
         hit = _cache.fetch(ctx.ws.cache_dir, "explain", params, read_explanation)
         if hit is not None:

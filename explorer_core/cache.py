@@ -51,7 +51,7 @@ import numpy as np
 from .files import atomic_folder, read_json, read_npz, write_json, write_npz
 
 __all__ = ["SCHEMA_VERSION", "CacheStats", "STATS", "code_version", "cache_key", "entry_dir",
-           "fetch", "store", "fetch_arrays", "store_arrays", "reset_stats"]
+           "fetch", "store", "fetch_arrays", "store_arrays", "exists", "reset_stats"]
 
 SCHEMA_VERSION = 2  # 1 was the pickle cache
 KEY_FILE = "key.json"
@@ -151,6 +151,20 @@ def fetch(root: str | os.PathLike, kind: str, params: Mapping[str, Any],
         return None
     _count(kind, "hits")
     return value
+
+
+def exists(root: str | os.PathLike, kind: str, params: Mapping[str, Any]) -> bool:
+    """Whether ``(kind, params)`` has an entry whose ``key.json`` matches (key, schema, code
+    version), without reading its files: a cheap check for batch jobs that skip work already
+    stored. Its files may still turn out unreadable, which :func:`fetch` treats as a miss. Not
+    counted in :data:`STATS`."""
+    folder = entry_dir(root, kind, params)
+    try:
+        stamp = read_json(folder / KEY_FILE, max_bytes=1 << 20)
+    except Exception:  # noqa: BLE001 - absent or broken: no entry
+        return False
+    return (isinstance(stamp, dict) and stamp.get("key") == folder.name
+            and stamp.get("schema") == SCHEMA_VERSION and stamp.get("code") == code_version())
 
 
 def store(root: str | os.PathLike, kind: str, params: Mapping[str, Any],

@@ -35,10 +35,29 @@ def _contrast(prog):
                             cache=True)
 
 
+def _stored():
+    from explainer.precompute import cached_explanation
+
+    return cached_explanation(ws, int(a), int(b), n_concepts=int(n), method=method,
+                              max_images=int(max_images), seed=int(seed), m=8)
+
+
+def _classifier_stored() -> bool:
+    from explainer.precompute import has_precomputed_classifier
+
+    return has_precomputed_classifier(ws, int(a), int(b), method=method,
+                                      max_images=int(max_images), seed=int(seed))
+
+
 explanation = views.run_or_load(
     key, "co", "Contrast", f"contrasting {names[a]} against {names[b]}", _contrast,
     "Press **Contrast** to train the A-vs-B classifier and compute the contrasted concepts "
-    "(cached on disk).")
+    "(cached on disk; `python -m explainer precompute --pairs ...` stores classifiers of many "
+    "pairs at once).", cached=_stored, compute_now=_classifier_stored)
+with errors.guard("reading the precompute record"):
+    from explainer.precompute import precomputed_note
+
+    views.precomputed_caption(precomputed_note(ws, explanation))
 
 clf = explanation.classifier
 if clf is not None:

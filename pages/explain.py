@@ -35,10 +35,22 @@ def _explain(prog):
                          cache=True)
 
 
+def _stored():
+    from explainer.precompute import cached_explanation
+
+    return cached_explanation(ws, int(cls), n_concepts=int(n), method=method,
+                              max_images=int(max_images), seed=int(seed), m=8)
+
+
 explanation = views.run_or_load(
     key, "ex", "Explain", f"explaining {names[cls]}", _explain,
     "Press **Explain** to compute the concepts (results are cached on disk, so a repeated run "
-    "loads instantly).")
+    "loads instantly; `python -m explainer precompute` stores many classes at once).",
+    cached=_stored)
+with errors.guard("reading the precompute record"):
+    from explainer.precompute import precomputed_note
+
+    views.precomputed_caption(precomputed_note(ws, explanation))
 state.init_widget("ex_excl", state.bool_qp("excl"))
 excl = st.toggle("Exclude target-class crops (crop or source image predicted as the class)",
                  key="ex_excl")

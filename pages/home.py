@@ -58,6 +58,8 @@ def _status(ws) -> None:
     st.caption(f"model `{ws.model}` · layer `{ws.layer}` · input {ws.input_size}px · "
                f"embedding mode `{ws.mode}` · images `{ws.images_path}` · built "
                f"{s.get('built_at') or '?'}")
+    with errors.guard("reading what is precomputed"):
+        _precomputed(ws)
     counts = s["predicted_counts"]
     if counts:
         import plotly.express as px
@@ -74,6 +76,30 @@ def _status(ws) -> None:
             st.dataframe([{"path": p, "reason": r} for p, r in cat.skipped()],
                          hide_index=True)
     st.page_link("pages/explain.py", label="Explain a class →", icon=":material/extension:")
+
+
+def _precomputed(ws) -> None:
+    """How many classes / pairs a ``python -m explainer precompute`` stored for this catalog."""
+    from explainer.precompute import precompute_status
+
+    runs = precompute_status(ws)
+    if not runs:
+        st.caption("Nothing precomputed yet: `python -m explainer precompute --workspace "
+                   f"{ws.name} --all --pairs confusable` stores every class's concepts and the "
+                   "classifiers of its confusable pairs, and the pages then open them at once.")
+        return
+    r = runs[0]
+    c = st.columns(3)
+    c[0].metric("Precomputed classes", r["classes"])
+    c[1].metric("Precomputed pairs", r["pairs"],
+                help="A-vs-B classifiers stored (each pair once; B vs A is its sign flip)")
+    c[2].metric("Precomputed contrasts", r["contrasts"])
+    st.caption(f"by `python -m explainer precompute`, last on {r['updated']}: n = {r['n']}, "
+               f"`{r['method']}`, at most {r['max_images']} images, seed {r['seed']}"
+               + (f"; {r['failed']} failed (see the command's output)" if r["failed"] else ""))
+    if len(runs) > 1:
+        with st.expander(f"{len(runs)} precomputed settings"):
+            st.dataframe(runs, hide_index=True)
 
 
 def _show(name: str) -> None:

@@ -114,14 +114,29 @@ def heatmaps(ws: Any, lm: Any, explanation: Any, n_images: int) -> None:
 
 
 def run_or_load(key: tuple, prefix: str, button: str, what: str, compute: Callable[[Any], Any],
-                hint: str) -> Any:
+                hint: str, cached: Callable[[], Any] | None = None,
+                compute_now: Callable[[], bool] | None = None) -> Any:
     """The result stored under ``key``, or a run button that computes it with a progress bar.
 
-    A shared link with ``run=1`` computes on its first visit. Stops the page (with ``hint``)
-    while there is no result; ``compute(progress)`` is the explainer call."""
+    ``cached()`` looks the result up in the workspace's result cache (a precompute, an earlier
+    run) and computes nothing: a hit is shown at once, without the button. When
+    ``compute_now()`` is true it computes without waiting for the button (the slow part is
+    stored already, e.g. a precomputed classifier). A shared link with ``run=1`` computes on
+    its first visit. Stops the page (with ``hint``) while there is no result;
+    ``compute(progress)`` is the explainer call."""
     result = results_store().get(key)
+    if result is None and cached is not None:
+        with guard("reading the stored result"):
+            hit = cached()
+            if hit is not None:
+                result = results_store().put(key, hit)
+    now = False
+    if result is None and compute_now is not None:
+        with guard("reading the stored classifier"):
+            now = bool(compute_now())
     run_slot = st.empty()
-    run = result is None and run_slot.button(button, type="primary", key=f"{prefix}_run")
+    run = result is None and (now or run_slot.button(button, type="primary",
+                                                     key=f"{prefix}_run"))
     first_visit = f"{prefix}_seen" not in st.session_state
     st.session_state[f"{prefix}_seen"] = True
     auto = first_visit and st.query_params.get("run") == "1"  # a shared link of a computed view
@@ -142,3 +157,10 @@ def run_or_load(key: tuple, prefix: str, button: str, what: str, compute: Callab
         st.warning(w)
     return result
 
+
+
+def precomputed_caption(note: str | None) -> None:
+    """Say where a result comes from when a precompute stored it (``note`` from
+    :func:`explainer.precompute.precomputed_note`)."""
+    if note:
+        st.caption(f":material/inventory_2: {note}")
