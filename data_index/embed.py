@@ -18,7 +18,8 @@ code (:func:`compute_chunk`), so their catalogs are equal.
 * **Bounded memory.** A forward batch holds at most ``batch_size * input_size**2`` pixels (the
   pixels of ``batch_size`` model inputs): ``batch_size`` images at the model's own size, a
   single 1536 px image for a 96 px model. Crops are cut per forward, never all at once, and
-  images are decoded a few batches ahead (:func:`stream_decoded`), never a whole chunk.
+  images are decoded a few batches ahead (:func:`stream_decoded`, as 8-bit pixels), never a
+  whole chunk.
 """
 
 from __future__ import annotations
@@ -99,14 +100,25 @@ def min_side_of(grid: CropGrid) -> int:
 
 
 def decode_image(entry: ImageEntry, lm: Any, size: int, min_side: int) -> Decoded:
-    """``(pixels (3, size, size) in [0, 1], None)`` or ``(None, reason)`` for a skipped file."""
+    """``(pixels (3, size, size) uint8, None)`` or ``(None, reason)`` for a skipped file.
+
+    The pixels are ``lm.geometry``'s, kept as the 8-bit values they are made of (a quarter of
+    the memory while they wait for their batch); :func:`to_unit` gives back exactly
+    ``lm.geometry``'s ``[0, 1]`` floats."""
     img, reason = try_load_rgb(entry.path, min_side)
     if img is None:
         return None, reason
     try:
-        return lm.geometry(img, size), None
+        px = lm.geometry(img, size)
     except Exception as exc:  # noqa: BLE001 - a file that decodes but fails resizing is skipped
         return None, f"cannot resize image: {exc}"
+    return px.mul_(255.0).round_().to(torch.uint8), None
+
+
+def to_unit(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 in ``[0, 1]``: ``u / 255`` in float32, bit-identical to
+    :meth:`LoadedModel.geometry <explorer_core.models.LoadedModel.geometry>`'s values."""
+    return pixels.to(torch.float32).div_(255.0)
 
 
 def stream_decoded(entries: Iterable[ImageEntry], lm: Any, size: int, min_side: int,
@@ -246,7 +258,7 @@ def compute_chunk(embedder: Embedder, chunk_id: int, first_id: int,
 
     def flush(handled: int) -> None:
         if batch:
-            outs.append(embedder(torch.stack(batch)))
+            outs.append(embedder(to_unit(torch.stack(batch))))
             batch.clear()
         if on_images is not None:
             on_images(handled)
