@@ -268,10 +268,28 @@ def single(tmp_path_factory, demo_images, demo_lm):
     return ws
 
 
-def _same_catalog(ws: Workspace, ref: Workspace) -> None:
-    """Same rows in every table (but build stamps), embeddings equal within float16, same
-    top-8 (allowed and with a class excluded) for 50 queries."""
-    assert _tables(ws) == _tables(ref)
+def _rows_close(a: list[tuple], b: list[tuple], tol: float = 1e-5) -> bool:
+    """Same rows, float fields within ``tol`` (a forward with another torch thread count may
+    round a confidence differently in its last bit)."""
+    def same(x: object, y: object) -> bool:
+        if isinstance(x, float) and isinstance(y, float):
+            return abs(x - y) <= tol
+        return x == y
+    return len(a) == len(b) and all(len(r) == len(q) and all(map(same, r, q))
+                                    for r, q in zip(a, b))
+
+
+def _same_catalog(ws: Workspace, ref: Workspace, exact: bool = True) -> None:
+    """Same rows in every table (but build stamps; ``exact=False``: float fields within 1e-5),
+    embeddings equal within float16, same top-8 (allowed and with a class excluded) for 50
+    queries."""
+    if exact:
+        assert _tables(ws) == _tables(ref)
+    else:
+        got, want = _tables(ws), _tables(ref)
+        assert got.keys() == want.keys()
+        for t in want:
+            assert _rows_close(got[t], want[t]), t
     for layer in ref.layers:
         ids_a, emb_a = _emb(ws, layer)
         ids_b, emb_b = _emb(ref, layer)
@@ -351,7 +369,7 @@ def test_ray_build_with_two_local_workers_equals_the_single_process_catalog(
         ray.shutdown()
     assert st.complete and (st.n_images, st.n_crops) == (60, 540)
     assert saved == [f"{k}/8 chunks saved" for k in range(1, 9)]
-    _same_catalog(ws, single)
+    _same_catalog(ws, single, exact=False)  # the workers run torch on 1 thread each
 
 
 def test_ray_is_imported_only_by_the_ray_build():
