@@ -149,6 +149,8 @@ def main() -> None:
         p50, p95 = latencies(lambda x: idx.search(x, 8), q)
         print(f"| 18000 | 1280 | flat (synthetic) | none | {p50:.2f} | {p95:.2f} | 1 |")
 
+    if not a.big:  # --big 0: no synthetic large-scale search
+        return
     n, d = a.big, a.big_dim
     t = time.perf_counter()
     big = normalize_rows(clustered(n, d))
