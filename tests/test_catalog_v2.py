@@ -500,3 +500,63 @@ def test_the_demo_workspace_rebuilds_itself_from_a_v1_catalog(tmp_path, demo_wor
     with Catalog.open(ws) as cat:
         assert cat.meta["schema"] == "2" and cat.meta["build_id"] != old_id
         assert cat.n_images == 20 and not (ws.index_dir / "embeddings.npy").exists()
+
+
+# ---- a segmentation model: predictions through LoadedModel.summarize only ---------------------
+
+@pytest.fixture(scope="module")
+def seg_lm():
+    from explorer_core.demo_segnet import BACKGROUND, load_demo_seg
+    from explorer_core.models import LoadedModel
+
+    model, names, size, mean, std = load_demo_seg("cpu")
+    return LoadedModel("demo-seg", model.eval(), torch.device("cpu"), size, size, mean, std,
+                       names, "layer4.relu_out", task="segmentation",
+                       background_class=names.index(BACKGROUND))
+
+
+@pytest.mark.parametrize("mode", ["crop", "cell"])
+def test_a_segmentation_catalog_stores_shares_and_dominant_classes(tmp_path, demo_images,
+                                                                    seg_lm, mode):
+    ws = Workspace.create(tmp_path / "ws", model="demo-seg", layers=["layer4.relu_out"],
+                          images=str(demo_images), input_size=96, device="cpu", mode=mode)
+    build_catalog(ws, model=seg_lm, limit=20, batch_size=8)
+    bg = seg_lm.background_class
+    with Catalog.open(ws) as cat, torch.inference_mode():
+        assert cat.by_shares and cat.meta["task"] == "segmentation"
+        assert cat.meta["background_class"] == str(bg) and cat.share_threshold == 0.05
+        ids = cat.image_ids()
+        out = seg_lm.model(seg_lm.normalize(cat.image_pixels(ids, seg_lm)))
+        shares = seg_lm.pixel_shares(out).numpy()  # (N, 11)
+        for j, i in enumerate(ids):
+            got = cat.image_classes(i)
+            assert sum(got.values()) == pytest.approx(1.0, abs=1e-5)
+            assert got == pytest.approx({c: float(v) for c, v in enumerate(shares[j]) if v > 0},
+                                        abs=1e-6)
+            row = cat.image_row(i)
+            fg = shares[j].copy()
+            fg[bg] = -1
+            assert row["pred"] == int(fg.argmax()) and row["conf"] == pytest.approx(fg.max())
+        a = max(cat.predicted_counts(), key=cat.predicted_counts().get)
+        want = [i for j, i in enumerate(ids) if shares[j, a] >= 0.05]
+        assert cat.images_predicted_as(a) == want and cat.predicted_counts()[a] == len(want)
+        assert bg not in cat.predicted_counts()
+        # a crop's class: its own forward (crop mode) or the image's prediction in its box
+        cids = [ids[0] * 9 + k for k in range(9)]
+        refs = cat.crop_refs(cids)
+        if mode == "crop":
+            direct = seg_lm.summarize(seg_lm.model(seg_lm.normalize(cat.crop_pixels(cids,
+                                                                                  seg_lm))))
+            assert [r.crop_pred for r in refs] == direct.pred.tolist()
+        else:
+            for r in refs:
+                x0, y0, x1, y1 = r.box
+                p = seg_lm.summarize(out[:1, :, y0:y1, x0:x1])
+                assert (r.crop_pred, r.crop_conf) == (int(p.pred[0]),
+                                                      pytest.approx(float(p.conf[0])))
+        excluded = set(cat.excluded_crop_ids(a).tolist())
+        for i in want:
+            assert set(range(i * 9, i * 9 + 9)) <= excluded
+        assert all(r.crop_id in excluded for r in cat.crop_refs(sorted(
+            c for i in ids for c in range(i * 9, i * 9 + 9))) if r.crop_pred == a)
+        assert not excluded & set(cat.random_crop_ids(50, exclude_class=a))
