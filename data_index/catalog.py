@@ -797,6 +797,10 @@ def merge_shards(ws: Workspace, *, model: Any = None, device: str = "auto",
                                 f"first: python -m data_index build --workspace {ws.root} "
                                 "--shards N --shard i (for every i in 0..N-1)")
         n = int(next(iter(metas.values())).get("shards", "0") or 0)
+        if n < 2:
+            raise ExplorerError(f"The shards of workspace '{ws.name}' do not say how many there "
+                                f"are; rebuild them with --rebuild: python -m data_index build "
+                                f"--workspace {ws.root} --shards N --shard I --rebuild")
         for i in metas:
             locks.append(lock_workspace(_shard_dir(ws, i), exclusive=True))
         limit_s = next(iter(metas.values())).get("limit") or ""

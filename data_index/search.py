@@ -135,9 +135,10 @@ def _exact_topk(store: EmbeddingStore, queries: np.ndarray, m: int,
         take = min(m, n)
         if take < n:
             part = np.argpartition(-s, take - 1, axis=1)[:, :take]
-            # ties at the cut: argpartition picks any of them, so keep every tied score
+            # ties at the cut: argpartition picks any of them, so keep every tied score (a
+            # row whose cut is -inf has all its allowed crops in already)
             cut = np.take_along_axis(s, part, 1).min(axis=1, keepdims=True)
-            tied = (s >= cut).sum(axis=1)
+            tied = np.where(np.isfinite(cut[:, 0]), (s >= cut).sum(axis=1), 0)
             if np.any(tied > take):
                 width = int(tied.max())
                 part = np.argpartition(-s, width - 1, axis=1)[:, :width]
