@@ -1,12 +1,15 @@
 """Catalog build throughput and crop-search latency.
 
     python bench/bench_catalog.py [--n 256] [--batch-size 32] [--workspace WS] [--big 1000000]
-                                  [--big-dim 256]
+                                  [--big-dim 256] [--layers blocks.2.1.bn2,blocks.4.2.bn2,bn2]
 
 1. Forward-only throughput of full images (pre-decoded, same images, same batch size) vs the
-   catalog build in ``cell`` and ``crop`` mode (decode + forwards + DuckDB + assembly), with ratios.
+   catalog build in ``cell`` and ``crop`` mode (decode + forwards + DuckDB + assembly), with ratios;
+   the crop-mode build with one layer and with ``--layers`` (one forward, several layers), and
+   the bytes of the layer stores (float16) against float32.
 2. Search latency (one query vector per call) p50/p95: at ~20k crops (the workspace's catalog if
-   given, else synthetic 18000 x 1280), exact, with and without class exclusion.
+   given -- exact search over its float16 store --, else synthetic 18000 x 1280 in FAISS), with
+   and without class exclusion.
 3. At ``--big`` synthetic crops (clustered non-negative vectors, ``--big-dim``): exact
    ``IndexFlatIP`` vs ``IndexIVFFlat`` with recall@8.
 """
@@ -28,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 from data_index.catalog import Catalog, build_catalog  # noqa: E402
 from data_index.datasets import ImageFolder, load_rgb  # noqa: E402
 from data_index.search import CropSearch, normalize_rows  # noqa: E402
+from data_index.store import store_nbytes  # noqa: E402
 from data_index.workspace import Workspace  # noqa: E402
 from explorer_core.models import load_model  # noqa: E402
 
@@ -43,12 +47,19 @@ def forward_only(lm, px: torch.Tensor, bs: int) -> float:
     return len(px) / (time.perf_counter() - t)
 
 
-def build_rate(lm, mode: str, n: int, bs: int, tmp: Path) -> float:
-    ws = Workspace.create(tmp / f"ws_{mode}", model=lm.spec, layer=lm.recommended_layer,
+def build_rate(lm, mode: str, n: int, bs: int, tmp: Path, layers: list[str] | None = None
+               ) -> tuple[float, int, int]:
+    """(images/s, bytes of the layer stores, bytes the same embeddings take as float32)."""
+    layers = layers or [lm.recommended_layer]
+    ws = Workspace.create(tmp / f"ws_{mode}_{len(layers)}", model=lm.spec, layers=layers,
                           images=str(PHOTOS), input_size=lm.input_size, mode=mode, device="cpu")
     t = time.perf_counter()
     st = build_catalog(ws, model=lm, batch_size=bs, limit=n, rebuild=True)
-    return st.n_images / (time.perf_counter() - t)
+    rate = st.n_images / (time.perf_counter() - t)
+    with Catalog.open(ws) as cat:
+        nbytes = sum(cat.store(x).nbytes for x in layers)
+        f32 = sum(store_nbytes(len(cat.store(x)), cat.dim(x), "float32") for x in layers)
+    return rate, nbytes, f32
 
 
 def latencies(fn, queries: np.ndarray) -> tuple[float, float]:
@@ -82,6 +93,8 @@ def main() -> None:
     ap.add_argument("--big", type=int, default=1_000_000)
     ap.add_argument("--big-dim", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--layers", default="blocks.2.1.bn2,blocks.4.2.bn2,bn2",
+                    help="layers of the multi-layer build (comma-separated)")
     a = ap.parse_args()
     import faiss
 
@@ -95,15 +108,22 @@ def main() -> None:
     fwd = forward_only(lm, px, a.batch_size)
     del px
     rows.append(("forward only (full images, pre-decoded)", fwd, 1.0))
+    sizes = []
+    many = [x for x in a.layers.split(",") if x]
     with tempfile.TemporaryDirectory() as tmp:
-        for mode in ("cell", "crop"):
-            r = build_rate(lm, mode, a.n, a.batch_size, Path(tmp))
-            rows.append((f"catalog build, {mode} mode (decode+all)", r, r / fwd))
+        for mode, layers in (("cell", None), ("crop", None), ("crop", many)):
+            r, nbytes, f32 = build_rate(lm, mode, a.n, a.batch_size, Path(tmp), layers)
+            what = f"{len(layers)} layers" if layers else f"1 layer ({lm.recommended_layer})"
+            rows.append((f"catalog build, {mode} mode, {what} (decode+all)", r, r / fwd))
+            sizes.append((f"{mode}, {what}", nbytes, f32))
     print(f"\n## Build throughput: {a.model}, {a.n} photos (imagenet-nips17), batch "
           f"{a.batch_size}, {a.threads} threads\n")
     print("| pass | images/s | ratio to forward-only |\n|---|---:|---:|")
     for name, r, ratio in rows:
         print(f"| {name} | {r:.1f} | {ratio:.2f} |")
+    print("\n| catalog | store bytes (float16) | as float32 | ratio |\n|---|---:|---:|---:|")
+    for name, nbytes, f32 in sizes:
+        print(f"| {name} | {nbytes:,} | {f32:,} | {nbytes / f32:.3f} |")
 
     print("\n## Search latency (1 query per call, ms)\n")
     print("| crops | dim | index | exclusion | p50 ms | p95 ms | recall@8 |\n"
@@ -111,13 +131,14 @@ def main() -> None:
     rng = np.random.default_rng(1)
     if a.workspace:
         cat = Catalog.open(a.workspace)
-        flat = CropSearch(cat, "flat")
-        ids, emb = cat.embeddings()
-        q = np.asarray(emb[rng.choice(len(ids), 100, replace=False)])
+        flat = CropSearch(cat)  # exact, over the default layer's store
+        store = cat.store()
+        q = store.rows(rng.choice(len(store), 100, replace=False))
         cls = max(cat.predicted_counts().items(), key=lambda kv: kv[1])[0]
         for excl in (None, cls):
             p50, p95 = latencies(lambda x, excl=excl: flat.search(x, 8, excl), q)
-            print(f"| {len(ids)} | {emb.shape[1]} | flat (catalog, CropRefs) | "
+            print(f"| {len(store)} | {store.dim} | exact over the {store.dtype} store "
+                  "(catalog, CropRefs) | "
                   f"{'class ' + str(excl) if excl is not None else 'none'} | {p50:.2f} | "
                   f"{p95:.2f} | 1 |")
     else:
@@ -128,6 +149,8 @@ def main() -> None:
         p50, p95 = latencies(lambda x: idx.search(x, 8), q)
         print(f"| 18000 | 1280 | flat (synthetic) | none | {p50:.2f} | {p95:.2f} | 1 |")
 
+    if not a.big:  # --big 0: no synthetic large-scale search
+        return
     n, d = a.big, a.big_dim
     t = time.perf_counter()
     big = normalize_rows(clustered(n, d))

@@ -15,8 +15,9 @@ ends up as one of:
   image; a build over a folder with an unlistable sub-folder records it in ``skipped``).
 
 The inputs: the issue's list (seeds out of range, zero/negative sizes, ``--out`` on a file or
-under /proc, a non-UTF-8 workspace path, truncated ``embeddings.npy`` / ``crop_ids.npy`` /
-``flat.faiss`` / ``emb_*.npy``, ``--rebuild`` of a workspace another process reads) and more.
+under /proc, a non-UTF-8 workspace path, a truncated embedding store file (``emb-00000.npy`` /
+``ids.npy`` / ``norms.npy``) or chunk file (``emb_*.npy``), ``--rebuild`` of a workspace another
+process reads, a catalog of the first version, a layer the catalog lacks) and more.
 Everything runs on a tiny workspace (the bundled demo CNN over seeded noise images) made in a
 temporary folder. Prints a table, then one JSON line::
 
@@ -43,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import duckdb
 import numpy as np
 from PIL import Image
 
@@ -159,9 +161,14 @@ def make_cases(tmp: Path) -> tuple[list[Case], Callable[[], None]]:
     W = str(ws.root)
 
     bad = {name: _copy(ws, tmp / f"bad_{name.replace('.', '_')}")
-           for name in ("embeddings.npy", "crop_ids.npy", "flat.faiss")}
+           for name in ("emb-00000.npy", "ids.npy", "norms.npy")}
     for name, root in bad.items():
-        _truncate(root / "index" / name)
+        _truncate(Workspace.open(root).layer_dir(DEMO_LAYER) / name)
+    v1 = _copy(ws, tmp / "v1")  # a catalog of the first version: meta schema 1, flat.faiss
+    con = duckdb.connect(str(v1 / "catalog.duckdb"))
+    con.execute("UPDATE meta SET value = '1' WHERE key = 'schema'")
+    con.close()
+    (v1 / "index" / "flat.faiss").write_bytes(b"old")
     # a resumable build (default chunk size 256) stopped after its first chunk (cell mode: one
     # forward per image, the cheapest way through 256 images)
     noise_images(tmp / "many", 260, size=(24, 24), seed=1)
@@ -228,6 +235,18 @@ def make_cases(tmp: Path) -> tuple[list[Case], Callable[[], None]]:
         *[Case(f"explain over truncated {name}",
                [*ex, "explain", "--workspace", str(root), "--class", cls, "--device", "cpu",
                 "--out", o]) for name, root in bad.items()],
+        Case("search over a v1 catalog", [*di, "search", "--workspace", str(v1), "--crop-id",
+                                          "0"]),
+        Case("explain over a v1 catalog", [*ex, "explain", "--workspace", str(v1), "--class",
+                                           cls, "--device", "cpu", "--out", o]),
+        Case("search --layer <not in the catalog>", [*search, "--crop-id", "0", "--layer",
+                                                     "layer3.relu_out"]),
+        Case("explain --layer <not in the catalog>", [*explain, "--layer", "nope", "--out", o]),
+        Case("build --crop-size > image size", [*di, "build", "--workspace", str(tmp / "wg"),
+                                                "--model", "demo", "--images", str(imgs),
+                                                "--crop-size", "500"]),
+        Case("build --shard without --shards", [*build, "--shard", "1"]),
+        Case("build --merge without shards", [*build, "--merge"]),
         Case("build resume over truncated emb_00000.npy",
              [*di, "build", "--workspace", str(partial.root), "--quiet"]),
         Case("build --rebuild while another process reads it",

@@ -19,46 +19,100 @@ from .args import CliParser, int_range, output_file, positive_int, workspace_arg
 from .common import ProgressBar, open_workspace
 
 
+def _layer_list(text: str) -> list[str]:
+    """``--layers a,b,c``: the non-empty, comma-separated layer names (each once)."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("give at least one layer, comma-separated")
+    if len(set(items)) != len(items):
+        raise argparse.ArgumentTypeError(f"'{text}' names a layer twice")
+    return items
+
+
+_NEW_SETTINGS = ("model", "layer", "layers", "images", "crop_size", "stride", "image_size",
+                 "storage")
+
+
 def _cmd_build(args: argparse.Namespace) -> int:
     from data_index.workspace import Workspace, resolve_workspace
     from explorer_core.models import shared_model
 
+    if args.merge and (args.shards or args.ray is not None):
+        raise ExplorerError("--merge combines finished shards; run it alone (without --shards, "
+                            "--shard or --ray)")
+    if (args.shards is None) != (args.shard is None):
+        raise ExplorerError("A sharded build needs both --shards N and --shard I (0..N-1)")
+    if args.shards is not None and args.shard >= args.shards:
+        raise ExplorerError(f"--shard {args.shard} is outside 0..{args.shards - 1}")
+    if args.shards is not None and args.ray is not None:
+        raise ExplorerError("--ray schedules every chunk itself; leave out --shards/--shard")
     root = resolve_workspace(args.workspace)
     exists = (root / "workspace.toml").is_file() or args.workspace == "demo"
-    if exists and not (args.model or args.layer or args.images):
+    if exists and not any(getattr(args, n) for n in _NEW_SETTINGS):
         ws = open_workspace(args.workspace, quiet=args.quiet)
-    else:
-        missing = [f"--{n}" for n in ("model", "images") if not getattr(args, n)]
-        if missing:
-            raise ExplorerError(f"New workspace '{args.workspace}' needs {' and '.join(missing)} "
-                                "(and --layer unless the model's recommended layer will do)")
-        lm = shared_model(args.model, args.device)
-        layer = args.layer or lm.recommended_layer
-        if not layer:
-            raise ExplorerError("Give --layer; see 'python -m data_index layers --model SPEC'")
-        lm.layer_info(layer)
-        ws = Workspace.create(root, model=lm.spec, layer=layer, images=args.images,
-                              input_size=lm.input_size, mode=args.mode or "crop",
-                              device=args.device)
-        return _run_build(ws, args, lm)
-    if args.mode and args.mode != ws.mode:
-        raise ExplorerError(f"Workspace '{ws.name}' uses mode {ws.mode}; create another "
-                            "workspace for another mode")
-    return _run_build(ws, args, None)
+        if args.mode and args.mode != ws.mode:
+            raise ExplorerError(f"Workspace '{ws.name}' uses mode {ws.mode}; create another "
+                                "workspace for another mode")
+        return _run_build(ws, args, None)
+    missing = [f"--{n}" for n in ("model", "images") if not getattr(args, n)]
+    if missing:
+        raise ExplorerError(f"New workspace '{args.workspace}' needs {' and '.join(missing)} "
+                            "(and --layers / --layer unless the model's recommended layer "
+                            "will do)")
+    lm = shared_model(args.model, args.device)
+    layers = list(args.layers or ([args.layer] if args.layer else []))
+    if not layers and lm.recommended_layer:
+        layers = [lm.recommended_layer]
+    if not layers:
+        raise ExplorerError("Give --layers (or --layer); see 'python -m data_index layers "
+                            "--model SPEC'")
+    for name in layers:
+        lm.layer_info(name)  # an unknown layer: an error listing the candidates
+    order = {info.name: i for i, info in enumerate(lm.candidate_layers())}
+    layers.sort(key=lambda n: order.get(n, len(order)))  # model forward order
+    if args.layer and args.layer not in layers:
+        raise ExplorerError(f"--layer {args.layer} (the default layer) is not one of --layers "
+                            f"{','.join(layers)}; add it there")
+    ws = Workspace.create(root, model=lm.spec, layer=args.layer or layers[0], layers=layers,
+                          images=args.images, input_size=lm.input_size,
+                          mode=args.mode or "crop", device=args.device,
+                          image_size=args.image_size, crop_size=args.crop_size,
+                          stride=args.stride, storage=args.storage or "float16")
+    return _run_build(ws, args, lm)
 
 
 def _run_build(ws, args: argparse.Namespace, lm) -> int:
-    from data_index.catalog import build_catalog
+    from data_index.catalog import build_catalog, merge_shards
     from explorer_core.models import shared_model
 
     if lm is None:
         lm = shared_model(ws.model, args.device if args.device != "auto" else ws.device)
-    with ProgressBar(f"catalog {ws.name} ({ws.mode})", args.quiet) as bar:
-        st = build_catalog(ws, batch_size=args.batch_size, progress=bar, limit=args.limit,
-                           model=lm, rebuild=args.rebuild)
+    label = f"catalog {ws.name} ({ws.mode})"
+    with ProgressBar(label, args.quiet) as bar:
+        if args.merge:
+            st = merge_shards(ws, model=lm, progress=bar)
+        elif args.ray is not None:
+            from data_index.ray_build import build_catalog_ray
+
+            st = build_catalog_ray(ws, address=args.ray or None, workers=args.ray_workers,
+                                   batch_size=args.batch_size, device=args.device,
+                                   progress=bar, limit=args.limit, model=lm,
+                                   rebuild=args.rebuild)
+        else:
+            st = build_catalog(ws, batch_size=args.batch_size, progress=bar, limit=args.limit,
+                               model=lm, rebuild=args.rebuild, shards=args.shards or 1,
+                               shard=args.shard or 0)
     if st.already_complete:
         print(f"catalog of '{ws.name}' already complete: {st.n_images} images, "
               f"{st.n_crops} crops, {st.n_skipped} skipped (use --rebuild to redo)")
+    elif args.merge:
+        print(f"merged {st.shards} shards into the catalog of '{ws.name}': {st.n_images} images, "
+              f"{st.n_crops} crops, {st.n_skipped} skipped, {st.seconds:.1f} s")
+    elif st.shard is not None:
+        print(f"built shard {st.shard} of {st.shards} of '{ws.name}': {st.n_images} images, "
+              f"{st.n_crops} crops, {st.n_skipped} skipped, {st.chunks_resumed}/{st.n_chunks} "
+              f"chunks resumed, {st.seconds:.1f} s; when every shard is built: python -m "
+              f"data_index build --workspace {ws.root} --merge")
     else:
         print(f"built catalog of '{ws.name}': {st.n_images} images, {st.n_crops} crops, "
               f"{st.n_skipped} skipped, {st.chunks_resumed}/{st.n_chunks} chunks resumed, "
@@ -77,6 +131,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
             st["skipped_files"] = cat.skipped()
             print(json.dumps(st, indent=2))
             return 0
+        dims, sizes, index = st.pop("dims"), st.pop("store_bytes"), st.pop("index")
+        st.pop("dim")
+        st["layers"] = ", ".join(
+            f"{k} ({dims[k]} dims, {sizes[k] / 2**20:.1f} MiB, {index[k]})"
+            + (" [default]" if k == st["layer"] else "") for k in st["layers"])
         for k, v in st.items():
             print(f"{k:14s} {v}")
         top = sorted(counts.items(), key=lambda kv: -kv[1])[:10]
@@ -94,15 +153,16 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from data_index.search import CropSearch
 
     with Catalog.open(open_workspace(args.workspace)) as cat:
-        ids, emb = cat.embeddings()
-        pos = int(np.searchsorted(ids, args.crop_id))
-        if pos >= len(ids) or ids[pos] != args.crop_id:
+        store = cat.store(args.layer)  # an unknown layer: an error listing the catalog's
+        pos = int(np.searchsorted(store.ids, args.crop_id))
+        if pos >= len(store) or store.ids[pos] != args.crop_id:
+            p = cat.grid.per_image
             raise ExplorerError(f"No crop {args.crop_id} in the catalog; crop ids are "
-                                "image_id * 9 + row * 3 + col of indexed images")
-        search = CropSearch(cat, kind=args.kind)
+                                f"image_id * {p} + k (k in 0..{p - 1}, row-major) of indexed "
+                                "images")
+        search = CropSearch(cat, layer=args.layer, kind=args.kind)
         m = min(args.m, search.ntotal)  # never more results than crops
-        res = search.search(np.asarray(emb[pos:pos + 1]), m=m,
-                            exclude_class=args.exclude_class)[0]
+        res = search.search(store.rows([pos]), m=m, exclude_class=args.exclude_class)[0]
         print(f"{'rank':>4} {'crop':>8} {'score':>7} {'crop_pred':>9} {'img_pred':>8}  path [box]")
         for r, c in enumerate(res):
             print(f"{r:>4} {c.crop_id:>8} {c.score:7.4f} {c.crop_pred:>9} {c.image_pred:>8}  "
@@ -140,9 +200,32 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--workspace", required=True, type=workspace_arg,
                    help="workspace name or folder")
     b.add_argument("--model", help="model spec (e.g. efficientnet_lite0, resnet50:weights.pth)")
-    b.add_argument("--layer", help="hidden layer (default: the model's recommended one)")
+    b.add_argument("--layers", type=_layer_list,
+                   help="comma-separated hidden layers, embedded in one forward (default: the "
+                        "model's recommended one)")
+    b.add_argument("--layer", help="the default layer (alone: a one-layer catalog)")
     b.add_argument("--images", help="image folder (recursive; labels.csv or class folders)")
     b.add_argument("--mode", choices=["crop", "cell"], help="crop embedding mode (default crop)")
+    b.add_argument("--image-size", type=positive_int, default=None,
+                   help="side images are resized / center-cropped to (default: model input)")
+    b.add_argument("--crop-size", type=positive_int, default=None,
+                   help="crop side in pixels (default: image size // 3)")
+    b.add_argument("--stride", type=positive_int, default=None,
+                   help="pixels between crops (default: the crop size; smaller: overlap)")
+    b.add_argument("--storage", choices=["float16", "float32"], default=None,
+                   help="embedding storage (default float16)")
+    b.add_argument("--shards", type=int_range(2, 100_000), default=None,
+                   help="split the build into N shards (with --shard I); merge with --merge")
+    b.add_argument("--shard", type=int_range(0), default=None,
+                   help="the shard this process builds, 0..N-1")
+    b.add_argument("--merge", action="store_true",
+                   help="merge the finished shards into the catalog")
+    b.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="compute the chunks on Ray (no ADDRESS: a local Ray on this machine); "
+                        "needs 'pip install ray'")
+    b.add_argument("--ray-workers", type=positive_int, default=None,
+                   help="Ray workers, each holding one model (default: one per GPU, else one "
+                        "per 2 CPUs)")
     b.add_argument("--device", default="auto", help="auto | cpu | cuda")
     b.add_argument("--batch-size", type=positive_int, default=32,
                    help="images per forward (>= 1; at most one chunk of 256 is stacked)")
@@ -160,11 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("search", help="nearest crops to a crop's embedding")
     q.add_argument("--workspace", required=True, type=workspace_arg)
     q.add_argument("--crop-id", type=int_range(0), required=True,
-                   help="image_id * 9 + row * 3 + col of an indexed image")
+                   help="image_id * crops per image + k (default grid: image_id * 9 + row * 3 "
+                        "+ col) of an indexed image")
     q.add_argument("-m", type=positive_int, default=8,
                    help="number of nearest crops (>= 1; capped at the number of crops)")
     q.add_argument("--exclude-class", type=int_range(0, 2**31 - 1), default=None)
-    q.add_argument("--kind", choices=["flat", "ivf"], default="flat")
+    q.add_argument("--kind", choices=["flat", "ivf"], default="flat",
+                   help="flat: exact search over the stored embeddings; ivf: approximate")
+    q.add_argument("--layer", default=None,
+                   help="one of the catalog's layers (default: its default layer)")
     q.set_defaults(func=_cmd_search)
     ly = sub.add_parser("layers", help="candidate layers of a model with their shapes")
     ly.add_argument("--model", required=True)
@@ -172,8 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     ly.set_defaults(func=_cmd_layers)
     e = sub.add_parser("export", help="write a catalog table to .csv or .parquet")
     e.add_argument("--workspace", required=True, type=workspace_arg)
-    e.add_argument("--table", required=True, choices=["images", "crops", "skipped", "chunks",
-                                                      "meta"])
+    e.add_argument("--table", required=True, choices=["images", "image_classes", "crops",
+                                                      "skipped", "chunks", "meta"])
     e.add_argument("--out", required=True, type=output_file(".csv", ".parquet", ".pq"),
                    help="a .csv or .parquet file (its folder is created)")
     e.set_defaults(func=_cmd_export)

@@ -1,5 +1,5 @@
 """Command line: ``python -m explainer {explain, contrast, synthesize, evaluate, precompute,
-export} ...``.
+export} ... [--layer L]``.
 
 User errors (:class:`ExplorerError`) print ``error: <message>`` on stderr and exit 2, without a
 traceback. Progress bars go to stderr.
@@ -38,6 +38,12 @@ __all__ = ["main", "write_explanation"]
 MAX_CROPS_PER_CONCEPT = 100  # --m: each crop is decoded again and written as a PNG
 
 
+def _layer_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--layer", default=None,
+                   help="one of the catalog's layers (default: its default layer; see "
+                        "'python -m data_index status')")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workspace", required=True, type=workspace_arg,
                    help="workspace name or folder")
@@ -52,6 +58,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help=f"crops per concept (1..{MAX_CROPS_PER_CONCEPT}, default 8)")
     p.add_argument("--solver", default="sklearn", choices=["sklearn", "torch"])
     p.add_argument("--device", default="auto")
+    _layer_arg(p)
     p.add_argument("--clamp", action="store_true", help="clamp negative activations")
     p.add_argument("--no-cache", action="store_true")
     p.add_argument("--exclude-target", action="store_true",
@@ -91,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--max-images", type=positive_int, default=500)
     pt.add_argument("--seed", type=seed, default=0)
     pt.add_argument("--device", default="auto")
+    _layer_arg(pt)
     pt.add_argument("--out", required=True, type=output_folder)
     sh = evs.add_parser("shift-test", help="hyperplane shifting over random class pairs")
     sh.add_argument("--workspace", required=True, type=workspace_arg)
@@ -103,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--max-images", type=positive_int, default=500)
     sh.add_argument("--classifier-solver", default="sgd", choices=["sgd", "lbfgs"])
     sh.add_argument("--device", default="auto")
+    _layer_arg(sh)
     sh.add_argument("--out", required=True, type=output_folder)
     _add_precompute(sub)
     _add_export(sub)
@@ -260,7 +269,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     if args.cmd == "synthesize":
         return _run_synthesize(args)
     if args.cmd in ("explain", "contrast"):
-        ctx = get_context(open_workspace(args.workspace), args.device)
+        ctx = get_context(open_workspace(args.workspace), args.device, args.layer)
         kw = dict(n_concepts=args.n, method=args.method, variant=args.variant,
                   max_images=args.max_images, seed=args.seed, m=args.m, solver=args.solver,
                   cache=not args.no_cache, clamp=args.clamp)
@@ -289,14 +298,15 @@ def run(argv: Sequence[str] | None = None) -> int:
                                            every=args.every, limit=args.limit,
                                            n_concepts=args.n, method=args.method,
                                            max_images=args.max_images, seed=args.seed,
-                                           device=args.device, progress=cb)
+                                           device=args.device, progress=cb,
+                                           layer=args.layer)
             csv_name, title = "per_class.csv", "Prediction test"
         else:
             res = evaluate_shift_test(open_workspace(args.workspace), args.pairs, seed=args.seed,
                                       min_images=args.min_images, method=args.method,
                                       max_images=args.max_images,
                                       classifier_solver=args.classifier_solver,
-                                      device=args.device, progress=cb)
+                                      device=args.device, progress=cb, layer=args.layer)
             csv_name, title = "per_pair.csv", "Shift test"
     _write_csv(res.rows, args.out / csv_name)
     _write_summary(res, args.out, title)

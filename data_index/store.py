@@ -138,13 +138,20 @@ class EmbeddingStore:
                ) -> Iterator[tuple[int, np.ndarray]]:
         """``(first row, block (k, dim) float32)`` over rows ``start:stop`` in order; at most
         ``rows`` rows (a few MB) in memory at a time."""
+        for pos, raw in self.raw_blocks(rows, start, stop):
+            yield pos, np.asarray(raw, np.float32)
+
+    def raw_blocks(self, rows: int = 65536, start: int = 0, stop: int | None = None
+                   ) -> Iterator[tuple[int, np.ndarray]]:
+        """Like :meth:`blocks`, but each block as stored (``dtype``; a read-only memory-mapped
+        view, nothing copied): for readers that convert faster themselves."""
         stop = len(self) if stop is None else min(int(stop), len(self))
         pos = int(start)
         while pos < stop:
             k = int(np.searchsorted(self._starts, pos, side="right")) - 1
             sh = self._shards[k]
             end = min(stop, pos + rows, sh.start + len(sh.rows))
-            yield pos, np.asarray(sh.rows[pos - sh.start:end - sh.start], np.float32)
+            yield pos, sh.rows[pos - sh.start:end - sh.start]
             pos = end
 
     def rows(self, positions: Sequence[int] | np.ndarray) -> np.ndarray:

@@ -1,7 +1,25 @@
-"""Workspaces: a folder holding ``workspace.toml``, the crop catalog, its FAISS index and caches.
+"""Workspaces: a folder holding ``workspace.toml``, the crop catalog, its embeddings and caches.
 
-A workspace records everything needed to reopen it by name: the model spec, the hidden layer,
-the model input size, the image folder, the crop-embedding mode and the seed.
+A workspace records everything needed to reopen it by name: the model spec, the catalog's
+hidden layers (``layers``, in model forward order) and its default layer (``layer``, the first of
+``layers`` unless given), the model input size, the image folder, the crop grid (``image_size``,
+``crop_size``, ``stride``; default the paper's 3 x 3 grid of ``input_size // 3`` crops on
+``input_size`` images), the embedding storage (``float16`` or ``float32``), the crop-embedding
+mode and the seed. A ``workspace.toml`` with only ``layer`` (written before several layers
+existed) opens as a one-layer workspace with the default grid and float16 storage.
+
+Folder layout::
+
+    workspace.toml
+    catalog.duckdb              tables images, image_classes, crops, skipped, chunks, meta
+    index/<layer folder>/       one float16 EmbeddingStore per layer (data_index.store)
+    index/emb_00000.npy ...     chunk files of a build in progress (deleted when complete)
+    shards/<i>/                 a sharded build's shard i (its own catalog.duckdb + index/)
+    cache/                      result cache
+    study.duckdb                intruder studies
+
+A layer's folder name is :func:`layer_folder` of its module name: reversible, safe on any file
+system (``layer4.2`` and ``blocks.6.0.conv_pwl`` stay as they are).
 
 Workspaces live under :func:`workspaces_home` (``$CONCEPT_EXPLORER_HOME`` or ``./workspaces``)
 and are opened by name, or anywhere else by path. A path is accepted only from the command line
@@ -17,15 +35,51 @@ import re
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from explorer_core.errors import ExplorerError
 
+from .crops import CropGrid
+
 __all__ = ["Workspace", "workspaces_home", "resolve_workspace", "list_workspaces",
-           "workspace_from_url"]
+           "workspace_from_url", "layer_folder", "layer_from_folder", "STORAGES"]
 
 TOML_NAME = "workspace.toml"
 MODES = ("crop", "cell")
+STORAGES = ("float16", "float32")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+
+
+def layer_folder(layer: str) -> str:
+    """A file-system-safe, reversible folder name for the module name ``layer``.
+
+    Letters, digits, ``.``, ``_`` and ``-`` stay; every other character (``/``, ``%``, spaces,
+    non-ASCII ...) is written ``%XX`` per UTF-8 byte, and so is a leading ``.`` (no hidden,
+    ``.`` or ``..`` folders): ``layer4.2`` -> ``layer4.2``, ``a/b`` -> ``a%2Fb``."""
+    if not layer:
+        raise ExplorerError("Empty layer name; pick one of the model's candidate layers")
+    out = []
+    for i, ch in enumerate(layer):
+        if ch in _SAFE and not (i == 0 and ch == "."):
+            out.append(ch)
+        else:
+            out.extend(f"%{b:02X}" for b in ch.encode("utf-8", "surrogatepass"))
+    return "".join(out)
+
+
+def layer_from_folder(folder: str) -> str:
+    """The module name of a :func:`layer_folder` name."""
+    raw = bytearray()
+    i = 0
+    while i < len(folder):
+        if folder[i] == "%":
+            raw.append(int(folder[i + 1:i + 3], 16))
+            i += 3
+        else:
+            raw.extend(folder[i].encode())
+            i += 1
+    return raw.decode("utf-8", "surrogatepass")
 
 
 def workspaces_home() -> Path:
@@ -89,13 +143,18 @@ def _toml_value(v: object) -> str:
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     s = str(v).replace("\\", "\\\\").replace('"', '\\"')
     return f'"{s}"'
 
 
 @dataclass
 class Workspace:
-    """One workspace. ``root`` is its folder; the other fields are stored in ``workspace.toml``."""
+    """One workspace. ``root`` is its folder; the other fields are stored in ``workspace.toml``.
+
+    ``layer`` is the default layer and always one of ``layers``; ``crop_size``, ``stride`` and
+    ``image_size`` of 0 mean the default grid (resolved on construction)."""
 
     root: Path
     model: str
@@ -107,6 +166,39 @@ class Workspace:
     device: str = "auto"
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.UTC)
                          .isoformat(timespec="seconds"))
+    layers: list[str] = field(default_factory=list)
+    image_size: int = 0
+    crop_size: int = 0
+    stride: int = 0
+    storage: str = "float16"
+
+    def __post_init__(self) -> None:
+        layers = [str(x) for x in (self.layers or [])]
+        if not self.layer and layers:
+            self.layer = layers[0]
+        if not self.layer:
+            raise ExplorerError("A workspace needs at least one layer")
+        if not layers:
+            layers = [self.layer]
+        if len(set(layers)) != len(layers):
+            raise ExplorerError(f"Layers {layers} name a layer twice; give each layer once")
+        if self.layer not in layers:
+            raise ExplorerError(f"The default layer '{self.layer}' is not one of the catalog's "
+                                f"layers ({', '.join(layers)}); add it to the layers")
+        self.layers = layers
+        if self.storage not in STORAGES:
+            raise ExplorerError(f"Unknown storage '{self.storage}'; use one of "
+                                f"{', '.join(STORAGES)}")
+        size = int(self.image_size or self.input_size)
+        crop = int(self.crop_size or size // 3)
+        self.image_size, self.crop_size = size, crop
+        self.stride = int(self.stride or crop)
+        CropGrid(self.image_size, self.crop_size, self.stride)  # validates
+
+    @property
+    def grid(self) -> CropGrid:
+        """The crop grid of this workspace's catalog."""
+        return CropGrid(self.image_size, self.crop_size, self.stride)
 
     # ---- paths -----------------------------------------------------------------------------
     @property
@@ -128,6 +220,14 @@ class Workspace:
     @property
     def cache_dir(self) -> Path:
         return self.root / "cache"
+
+    @property
+    def shards_dir(self) -> Path:
+        return self.root / "shards"
+
+    def layer_dir(self, layer: str) -> Path:
+        """``index/<layer folder>``: the layer's embedding store."""
+        return self.index_dir / layer_folder(layer)
 
     def catalog_version(self) -> str:
         """Changes whenever the catalog is (re)built: ``<mtime ns>-<size>`` of its DuckDB file
@@ -168,34 +268,55 @@ class Workspace:
             data = tomllib.loads(toml.read_text())
         except tomllib.TOMLDecodeError as exc:
             raise ExplorerError(f"Broken {toml}: {exc}") from exc
+        if "layers" in data and not data.get("layer") and data["layers"]:
+            data["layer"] = data["layers"][0]
         fields = {k: data[k] for k in ("model", "layer", "images", "input_size") if k in data}
         missing = {"model", "layer", "images", "input_size"} - set(fields)
         if missing:
             raise ExplorerError(f"{toml} lacks {', '.join(sorted(missing))}")
-        extra = {k: data[k] for k in ("mode", "seed", "device", "created") if k in data}
-        return cls(root=root, **fields, **extra)
+        extra = {k: data[k] for k in ("mode", "seed", "device", "created", "layers",
+                                      "image_size", "crop_size", "stride", "storage")
+                 if k in data}
+        try:
+            return cls(root=root, **fields, **extra)
+        except (TypeError, ValueError) as exc:
+            raise ExplorerError(f"Broken {toml}: {exc}") from exc
+
+    def settings(self) -> dict[str, Any]:
+        """What a catalog is built from (compared when a workspace folder is reused)."""
+        return {"model": self.model, "layer": self.layer, "layers": list(self.layers),
+                "images": self.images_path, "input_size": self.input_size, "mode": self.mode,
+                "image_size": self.image_size, "crop_size": self.crop_size,
+                "stride": self.stride, "storage": self.storage}
 
     @classmethod
-    def create(cls, name_or_path: str | os.PathLike, *, model: str, layer: str, images: str,
-               input_size: int, mode: str = "crop", seed: int = 0,
-               device: str = "auto") -> Workspace:
+    def create(cls, name_or_path: str | os.PathLike, *, model: str, layer: str | None = None,
+               images: str, input_size: int, mode: str = "crop", seed: int = 0,
+               device: str = "auto", layers: list[str] | tuple[str, ...] | None = None,
+               image_size: int | None = None, crop_size: int | None = None,
+               stride: int | None = None, storage: str = "float16") -> Workspace:
         """Create (or reopen, when the settings match) a workspace.
 
-        Reusing a folder with different settings is refused so nothing built is mixed up."""
+        ``layers`` are the catalog's layers (default ``[layer]``), ``layer`` the default one
+        (default ``layers[0]``); ``image_size`` / ``crop_size`` / ``stride`` the crop grid
+        (default ``input_size`` / ``image_size // 3`` / ``crop_size``). Reusing a folder with
+        different settings is refused so nothing built is mixed up."""
         if mode not in MODES:
             raise ExplorerError(f"Unknown embedding mode '{mode}'; use one of {', '.join(MODES)}")
         _require_utf8("image folder", str(images))  # stored as given in workspace.toml
         root = resolve_workspace(name_or_path)
-        ws = cls(root=root, model=model, layer=layer, images=str(images), input_size=input_size,
-                 mode=mode, seed=seed, device=device)
+        ws = cls(root=root, model=model, layer=layer or "", images=str(images),
+                 input_size=input_size, mode=mode, seed=seed, device=device,
+                 layers=list(layers or []), image_size=int(image_size or 0),
+                 crop_size=int(crop_size or 0), stride=int(stride or 0), storage=storage)
         if ws.toml_path.is_file():
             old = cls.open(root)
-            same = (old.model, old.layer, old.images_path, old.input_size, old.mode) == (
-                ws.model, ws.layer, ws.images_path, ws.input_size, ws.mode)
-            if not same:
+            if old.settings() != ws.settings():
+                diff = ", ".join(f"{k}={v}" for k, v in old.settings().items()
+                                 if ws.settings()[k] != v)
                 raise ExplorerError(
-                    f"Workspace '{root}' already exists with model={old.model} layer={old.layer} "
-                    f"images={old.images} mode={old.mode}; choose another name or delete it")
+                    f"Workspace '{root}' already exists with other settings ({diff}); choose "
+                    "another name or delete it")
             return old
         ws.save()
         return ws

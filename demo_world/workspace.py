@@ -53,8 +53,11 @@ def ensure_demo_world(world_dir: Path, n_per_class: int = DEMO_PER_CLASS) -> Pat
 
 def ensure_demo_workspace(home: Path | None = None, progress: ProgressFn | None = None,
                           device: str = "auto") -> Workspace:
-    """Open the ``demo`` workspace, creating it (world + catalog) on first use."""
-    from data_index.catalog import Catalog, build_catalog
+    """Open the ``demo`` workspace, creating it (world + catalog) on first use.
+
+    A catalog written by an older version (v1, :class:`~data_index.catalog.OldCatalogError`)
+    is rebuilt: it is generated data, nothing of the user's is lost."""
+    from data_index.catalog import Catalog, OldCatalogError, build_catalog
     from explorer_core.demo_cnn import DEMO_INPUT_SIZE, DEMO_LAYER
 
     root = (home or workspaces_home()) / DEMO_NAME
@@ -66,7 +69,12 @@ def ensure_demo_workspace(home: Path | None = None, progress: ProgressFn | None 
                           images=str(gallery.relative_to(root)), input_size=DEMO_INPUT_SIZE,
                           mode="crop", seed=0, device=device)
     try:
-        Catalog.open(ws)
+        Catalog.open(ws).close()
+    except OldCatalogError:
+        build_catalog(ws, device=device, progress=progress, rebuild=True)
     except ExplorerError:
-        build_catalog(ws, device=device, progress=progress)
+        try:
+            build_catalog(ws, device=device, progress=progress)
+        except OldCatalogError:  # a v1 build that never completed
+            build_catalog(ws, device=device, progress=progress, rebuild=True)
     return ws

@@ -55,17 +55,25 @@ MAX_CONCEPTS = 10
 
 @dataclass
 class ExplainContext:
-    """A workspace with its model, catalog and crop search, opened once."""
+    """A workspace with its model, catalog and crop search at one of the catalog's layers,
+    opened once.
+
+    ``layer`` is the layer explanations are computed at (one of ``catalog.layers``; default the
+    catalog's default layer); the crop search runs over that layer's embeddings."""
 
     ws: Any  # data_index.workspace.Workspace
     lm: LoadedModel
     catalog: Any  # data_index.catalog.Catalog
+    layer: str = ""
     _search: Any = field(default=None, repr=False)
     stamp: int = field(default=-1, repr=False)  # catalog file mtime when opened
 
+    def __post_init__(self) -> None:
+        self.layer = self.catalog.check_layer(self.layer or None)
+
     @classmethod
-    def open(cls, ws: Any, device: str | torch.device = "auto", lm: LoadedModel | None = None
-             ) -> ExplainContext:
+    def open(cls, ws: Any, device: str | torch.device = "auto", lm: LoadedModel | None = None,
+             layer: str | None = None) -> ExplainContext:
         from data_index.catalog import Catalog
         from data_index.workspace import Workspace
         from explorer_core.models import shared_model
@@ -73,22 +81,30 @@ class ExplainContext:
         if not isinstance(ws, Workspace):
             ws = Workspace.open(ws)
         catalog = Catalog.open(ws)
-        if lm is None:
-            lm = shared_model(ws.model, device)
-        elif lm.spec != ws.model:
-            raise ExplorerError(f"Model {lm.spec} does not match workspace model {ws.model}")
-        return cls(ws, lm, catalog)
+        try:
+            layer = catalog.check_layer(layer)  # unknown: an error listing the layers
+            if lm is None:
+                lm = shared_model(ws.model, device)
+            elif lm.spec != ws.model:
+                raise ExplorerError(f"Model {lm.spec} does not match workspace model {ws.model}")
+        except BaseException:
+            catalog.close()
+            raise
+        return cls(ws, lm, catalog, layer)
 
-    @property
-    def layer(self) -> str:
-        return self.ws.layer
+    def at_layer(self, layer: str | None) -> ExplainContext:
+        """This context at another of the catalog's layers (same model and catalog)."""
+        name = self.catalog.check_layer(layer)
+        if name == self.layer:
+            return self
+        return ExplainContext(self.ws, self.lm, self.catalog, name, stamp=self.stamp)
 
     @property
     def search(self) -> Any:
         if self._search is None:
             from data_index.search import CropSearch
 
-            self._search = CropSearch(self.catalog, kind="flat")
+            self._search = CropSearch(self.catalog, layer=self.layer)
         return self._search
 
     @property
@@ -104,23 +120,30 @@ class ExplainContext:
         return "|".join((str(meta.get("fingerprint", "")), str(meta.get("mode", "")), build))
 
     def base_params(self) -> dict[str, Any]:
+        """Parameters every cached result of this context is keyed on (the layer included)."""
         return {"model": self.lm.spec, "layer": self.layer, "catalog": self.identity}
 
 
-_CONTEXTS: dict[tuple[str, str], ExplainContext] = {}
+_CONTEXTS: dict[tuple[str, str, str], ExplainContext] = {}
 
 
-def get_context(ws_or_ctx: Any, device: str | torch.device = "auto") -> ExplainContext:
-    """An :class:`ExplainContext` from a context, a Workspace, or a workspace name/path
-    (opened contexts are reused within the process)."""
+def get_context(ws_or_ctx: Any, device: str | torch.device = "auto",
+                layer: str | None = None) -> ExplainContext:
+    """An :class:`ExplainContext` from a context, a Workspace, or a workspace name/path, at
+    ``layer`` (``None``: a given context's own layer, else the catalog's default layer; a layer
+    the catalog lacks raises :class:`ExplorerError` listing its layers). Opened contexts are
+    reused within the process."""
     if isinstance(ws_or_ctx, ExplainContext):
-        return ws_or_ctx
+        return ws_or_ctx if layer is None else ws_or_ctx.at_layer(layer)
     root = str(getattr(ws_or_ctx, "root", ws_or_ctx))
-    key = (os.path.abspath(root) if os.sep in root else root, str(device))
+    key = (os.path.abspath(root) if os.sep in root else root, str(device), layer or "")
     ctx = _CONTEXTS.get(key)
     if ctx is None or ctx.stamp != _catalog_stamp(ctx.ws):
         # first use, or the catalog was rebuilt since: reopen (keeping the loaded model)
-        ctx = ExplainContext.open(ws_or_ctx, device, lm=ctx.lm if ctx is not None else None)
+        lm = ctx.lm if ctx is not None else None
+        if lm is None:
+            lm = next((c.lm for k, c in _CONTEXTS.items() if k[:2] == key[:2]), None)
+        ctx = ExplainContext.open(ws_or_ctx, device, lm=lm, layer=layer)
         ctx.stamp = _catalog_stamp(ctx.ws)
         _CONTEXTS[key] = ctx
     return ctx
@@ -399,13 +422,15 @@ def explain_class(ws_or_ctx: Any, class_a: int | str, *, n_concepts: int = 4,
                   method: str = "deeplift", variant: str = "paper", max_images: int = 500,
                   seed: int = 0, m: int = 8, solver: str = "sklearn",
                   device: str | torch.device = "auto", progress: ProgressFn | None = None,
-                  cache: bool = True, clamp: bool = False) -> Explanation:
+                  cache: bool = True, clamp: bool = False,
+                  layer: str | None = None) -> Explanation:
     """Explain class A with ``n_concepts`` concepts (method.md §1-3).
 
     Parameters
     ----------
     ws_or_ctx : ExplainContext | Workspace | str
         The workspace (its model, layer and catalog).
+    layer : one of the catalog's layers (default: the context's, else the catalog's default).
     class_a : int | str
         Class index or name (case-insensitive).
     method : ``deeplift`` (white baseline) | ``grad_x_act`` | ``deeplift_smoothgrad``
@@ -421,7 +446,7 @@ def explain_class(ws_or_ctx: Any, class_a: int | str, *, n_concepts: int = 4,
     Explanation with ``concepts`` in share order, ``heatmaps`` (N, n, h, w) and the prediction
     tests (allowed / excluded target-class crops).
     """
-    ctx = get_context(ws_or_ctx, device)
+    ctx = get_context(ws_or_ctx, device, layer)
     _check_params(n_concepts, method, variant, solver, max_images, m)
     a = resolve_class(ctx.lm, class_a)
     params = explain_params(ctx, a, n_concepts=n_concepts, method=method, variant=variant,

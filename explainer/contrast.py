@@ -155,8 +155,9 @@ def contrast_classes(ws_or_ctx: Any, class_a: int | str, class_b: int | str, *,
                      classifier_solver: str = "sgd", epochs: int = 100, lr: float = 0.01,
                      compare_solvers: bool = True, device: str | torch.device = "auto",
                      progress: ProgressFn | None = None, cache: bool = True,
-                     clamp: bool = False) -> Explanation:
-    """Explain what separates class A from class B (method.md §4).
+                     clamp: bool = False, layer: str | None = None) -> Explanation:
+    """Explain what separates class A from class B (method.md §4), at ``layer`` (one of the
+    catalog's layers; default: the context's, else the catalog's default layer).
 
     Both classes' contrast pixels train ``z = w . x + b`` (label 1 = A, so ``w`` points to A;
     ``classifier_solver`` ``sgd`` = the paper's 100 epochs of plain full-batch SGD at lr 0.01,
@@ -178,7 +179,7 @@ def contrast_classes(ws_or_ctx: Any, class_a: int | str, class_b: int | str, *,
         resolve_class,
     )
 
-    ctx = get_context(ws_or_ctx, device)
+    ctx = get_context(ws_or_ctx, device, layer)
     _check_params(n_concepts, method, variant, solver, max_images, m)
     if classifier_solver not in CLASSIFIER_SOLVERS:
         raise ExplorerError(f"Unknown classifier solver '{classifier_solver}'; use one of "

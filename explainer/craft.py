@@ -191,7 +191,7 @@ def craft_activations(ctx: ExplainContext, cls: int, *, max_images: int = 500, s
 def _encode_class(ctx: ExplainContext, cls: int, max_images: int, seed: int, p: int, s: int,
                   batch_size: int, resize_patches: bool, clamp: bool,
                   progress: ProgressFn | None) -> dict[str, np.ndarray]:
-    lm, S = ctx.lm, ctx.lm.input_size
+    lm, S = ctx.lm, ctx.catalog.grid.image_size  # the catalog's images (default: the input)
     grid = lm.layer_info(ctx.layer).shape[1:]  # (h, w) of a whole input; refuses non-spatial
     ids = class_images(ctx, cls, max_images, seed)
     boxes = patch_boxes(S, p, s)
@@ -208,7 +208,8 @@ def _encode_class(ctx: ExplainContext, cls: int, max_images: int, seed: int, p: 
         for b in range(0, len(patches), bs):
             x = patches[b:b + bs].to(lm.device, torch.float32)
             if resize_patches:
-                x = F.interpolate(x, size=(S, S), mode="bilinear", align_corners=False)
+                x = F.interpolate(x, size=(lm.input_size, lm.input_size), mode="bilinear",
+                                  align_corners=False)
             _, acts = lm.logits_and_activations(x, ctx.layer)
             n_neg = int((acts < 0).sum())
             if n_neg:
@@ -271,8 +272,8 @@ def craft_concepts(ws_or_ctx: Any, class_a: int | str, *, n_concepts: int = 4,
                    stride: int | None = None, m: int = 8, solver: str = "sklearn",
                    batch_size: int = 64, resize_patches: bool = True, clamp: bool = False,
                    cache: bool = True,
-                   device: str | torch.device = "auto", progress: ProgressFn | None = None
-                   ) -> Explanation:
+                   device: str | torch.device = "auto", progress: ProgressFn | None = None,
+                   layer: str | None = None) -> Explanation:
     """The CRAFT baseline for class A (method.md §9), visualised and tested like ours.
 
     Parameters
@@ -294,6 +295,7 @@ def craft_concepts(ws_or_ctx: Any, class_a: int | str, *, n_concepts: int = 4,
         so concept vectors and crop embeddings come from inputs of the same scale.
     clamp : clamp negative layer activations to zero (with a warning) instead of refusing.
     cache : read/write the patch activations (key without n) under ``ws.cache_dir``.
+    layer : one of the catalog's layers (default: the context's, else the catalog's default).
 
     Returns
     -------
@@ -302,10 +304,10 @@ def craft_concepts(ws_or_ctx: Any, class_a: int | str, *, n_concepts: int = 4,
     coefficients on the layer grid (:func:`patch_heatmaps`) and the prediction tests (allowed /
     excluded target-class crops).
     """
-    ctx = get_context(ws_or_ctx, device)
+    ctx = get_context(ws_or_ctx, device, layer)
     _check(n_concepts, max_images, m, solver)
     a = resolve_class(ctx.lm, class_a)
-    S = ctx.lm.input_size
+    S = ctx.catalog.grid.image_size  # the model input unless the catalog's images are larger
     p, s = _geometry(S, patch_size, stride)
     params = {**ctx.base_params(), "class_a": a, "n": int(n_concepts), "method": "craft",
               "max_images": int(max_images), "seed": int(seed), "m": int(m), "solver": solver,
@@ -350,7 +352,8 @@ def craft_concepts(ws_or_ctx: Any, class_a: int | str, *, n_concepts: int = 4,
 
 def random_concepts(ws_or_ctx: Any, class_a: int | str, n_concepts: int = 4, seed: int = 0, *,
                     m: int = 8, device: str | torch.device = "auto",
-                    progress: ProgressFn | None = None) -> Explanation:
+                    progress: ProgressFn | None = None, layer: str | None = None
+                    ) -> Explanation:
     """The random baseline: ``n_concepts`` random crops as concepts.
 
     The crops are the draw of :func:`explainer.evaluation.evaluate_prediction_test`'s random
@@ -365,19 +368,14 @@ def random_concepts(ws_or_ctx: Any, class_a: int | str, n_concepts: int = 4, see
     Explanation with ``params["method"] == "random"``, equal importances ``1 / n``, no source
     images and empty heatmaps (0, n, 0, 0).
     """
-    ctx = get_context(ws_or_ctx, device)
+    ctx = get_context(ws_or_ctx, device, layer)
     _check(n_concepts, 1, m, "sklearn")
     a = resolve_class(ctx.lm, class_a)
     ids = ctx.catalog.random_crop_ids(n_concepts, seed=seed + a, exclude_class=a)
     if len(ids) < n_concepts:
         raise ExplorerError(f"Only {len(ids)} crops of workspace '{ctx.ws.name}' are not of "
                             f"class {a}; fewer than n={n_concepts} random concepts")
-    crop_ids, emb = ctx.catalog.embeddings()
-    pos = np.searchsorted(crop_ids, ids)
-    if not np.array_equal(np.asarray(crop_ids)[np.minimum(pos, len(crop_ids) - 1)], ids):
-        raise ExplorerError(f"The crop index of workspace '{ctx.ws.name}' does not match its "
-                            "catalog; rebuild the catalog")
-    vectors = np.asarray(emb[pos], np.float32)
+    vectors = ctx.catalog.store(ctx.layer).vectors(ids)  # (n, C) float32, gathered rows
     params = {**ctx.base_params(), "class_a": a, "n": int(n_concepts), "method": "random",
               "seed": int(seed), "m": int(m), "random_crop_ids": [int(i) for i in ids],
               "draw": "catalog.random_crop_ids(n, seed=seed + class_a, exclude_class=class_a)"}

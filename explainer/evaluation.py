@@ -82,13 +82,15 @@ def evaluate_prediction_test(ws_or_ctx: Any, classes: Sequence[int | str] | None
                              method: str = "grad_x_act", variant: str = "paper",
                              max_images: int = 500, seed: int = 0, solver: str = "sklearn",
                              device: str = "auto", cache: bool = True,
-                             progress: ProgressFn | None = None) -> EvaluationResult:
+                             progress: ProgressFn | None = None,
+                             layer: str | None = None) -> EvaluationResult:
     """Stitched prediction test over classes (all with ``>= min_images`` predicted images, every
     ``every``-th of them, a seeded ``limit`` of them, or the given ``classes``).
 
     Rows: ``class, name, n_images, prob_allowed, hit_allowed, prob_excluded, hit_excluded,
-    prob_random, hit_random``. Summary: mean probability and hit rate of each condition."""
-    ctx = get_context(ws_or_ctx, device)
+    prob_random, hit_random``. Summary: mean probability and hit rate of each condition.
+    ``layer``: one of the catalog's layers (default: the context's, else the default one)."""
+    ctx = get_context(ws_or_ctx, device, layer)
     chosen = _select_classes(ctx, classes, min_images, every, limit, seed)
     timings: dict[str, float] = {}
     t = time.perf_counter()
@@ -150,12 +152,13 @@ def evaluate_shift_test(ws_or_ctx: Any, pairs: int | Sequence[tuple[int, int]] =
                         variant: str = "paper", max_images: int = 500,
                         classifier_solver: str = "sgd",
                         offsets: Sequence[float] = SHIFT_OFFSETS, device: str = "auto",
-                        cache: bool = True, progress: ProgressFn | None = None) -> EvaluationResult:
+                        cache: bool = True, progress: ProgressFn | None = None,
+                        layer: str | None = None) -> EvaluationResult:
     """Shift test over seeded random (A, B) pairs of classes with ``>= min_images`` predicted
     images (or the given pairs). Rows: ``class_a, class_b, n_images, accuracy, default_prob_a,
     max_prob_a, best_offset``; summary: mean default and max-shifted probability of A and the
-    mean per-offset curve."""
-    ctx = get_context(ws_or_ctx, device)
+    mean per-offset curve. ``layer`` as in :func:`evaluate_prediction_test`."""
+    ctx = get_context(ws_or_ctx, device, layer)
     if isinstance(pairs, int):
         pair_list = random_pairs(eligible_classes(ctx, min_images), pairs, seed)
     else:

@@ -343,8 +343,13 @@ class LoadedModel:
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def geometry(self, image: Image.Image) -> torch.Tensor:
+    def geometry(self, image: Image.Image, size: int | None = None) -> torch.Tensor:
         """Resize the shorter side to ``resize``, center-crop ``input_size``.
+
+        ``size`` (a catalog's image size, e.g. 1536 for large tiles fed to a fully
+        convolutional model) scales both: shorter side to ``round(resize * size /
+        input_size)``, center crop ``size``; ``None`` or ``input_size`` is the model's own
+        geometry.
 
         The work is bounded by the output size, whatever the aspect ratio: when the resized
         image would exceed ``MAX_RESIZED_PIXELS`` (4 Mpx), only the ``S x S`` crop is
@@ -354,12 +359,13 @@ class LoadedModel:
         (the box path samples the same positions with the same filter but runs Pillow's two
         passes in another order, which can change a pixel by a rounding step).
 
-        Returns a float tensor ``(3, S, S)`` in ``[0, 1]`` (CPU)."""
+        Returns a float tensor ``(3, S, S)`` in ``[0, 1]`` (CPU), ``S = size or input_size``."""
         if image.mode != "RGB":  # (convert would copy an RGB image too)
             image = image.convert("RGB")
         w, h = image.size
-        s = self.input_size
-        scale = self.resize / min(w, h)
+        s = self.input_size if size is None else int(size)
+        resize = self.resize if s == self.input_size else round(self.resize * s / self.input_size)
+        scale = resize / min(w, h)
         nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
         left = (nw - s) // 2
         top = (nh - s) // 2

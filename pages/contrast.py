@@ -20,11 +20,12 @@ with st.sidebar:
     b = widgets.class_picker("Class B (contrasted against)", names, counts, key="co_b",
                          url_key="b", exclude=a)
     n, method, max_images, seed = widgets.method_settings("co", "Images per class (at most)")
+    layer = widgets.layer_picker(cat, key="co_layer")
 
 key = resources.result_key("contrast", ws, int(a), int(b), int(n), method, int(max_images),
-                           int(seed), 8)
+                           int(seed), 8, layer=layer)
 st.markdown(f"**{names[a]}** ({counts.get(a, 0)} images) against **{names[b]}** "
-            f"({counts.get(b, 0)} images) · {n} concepts · `{method}` · layer `{ws.layer}`")
+            f"({counts.get(b, 0)} images) · {n} concepts · `{method}` · layer `{layer}`")
 
 
 def _contrast(prog):
@@ -32,7 +33,7 @@ def _contrast(prog):
 
     return contrast_classes(ws, int(a), int(b), n_concepts=int(n), method=method,
                             max_images=int(max_images), seed=int(seed), m=8, progress=prog,
-                            cache=True)
+                            cache=True, layer=layer)
 
 
 def _stored():
@@ -105,7 +106,7 @@ with errors.guard("running the shifting test"):
                         "offsets…"):
             pix = cat.image_pixels(ids_b, lm)
             shift = resources.results_store().put(skey, shift_test(
-                lm, ws.layer, pix, clf.weight, int(a), int(b), SHIFT_OFFSETS, image_ids=ids_b))
+                lm, layer, pix, clf.weight, int(a), int(b), SHIFT_OFFSETS, image_ids=ids_b))
     import plotly.graph_objects as go
 
     xs = [f"{t:g}" for t in shift.offsets]
@@ -132,7 +133,7 @@ with errors.guard("running the shifting test"):
         from explainer.faithfulness import shifted_probabilities
 
         per_image = resources.results_store().put(sp_key, shifted_probabilities(
-            lm, ws.layer, cat.image_pixels(sample, lm), clf.weight, float(t)))
+            lm, layer, cat.image_pixels(sample, lm), clf.weight, float(t)))
     st.caption(f"The first {len(sample)} images of {names[b]} at offset t = {t:g}: P(A), P(B) "
                "and the class the model now predicts.")
     cols = st.columns(max(1, len(sample)))

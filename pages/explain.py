@@ -20,11 +20,12 @@ with st.sidebar:
                            url_key="a")
     n, method, max_images, seed = widgets.method_settings(
         "ex", "Images (at most)", "Images predicted as the class, chosen with the seed (paper: 500)")
+    layer = widgets.layer_picker(cat, key="ex_layer")
 
 key = resources.result_key("explain", ws, int(cls), int(n), method, int(max_images), int(seed),
-                           8)
+                           8, layer=layer)
 st.markdown(f"**{names[cls]}** · {counts.get(cls, 0)} images predicted as it · "
-            f"{n} concepts · `{method}` · layer `{ws.layer}`")
+            f"{n} concepts · `{method}` · layer `{layer}`")
 
 
 def _explain(prog):
@@ -32,7 +33,7 @@ def _explain(prog):
 
     return explain_class(ws, int(cls), n_concepts=int(n), method=method,
                          max_images=int(max_images), seed=int(seed), m=8, progress=prog,
-                         cache=True)
+                         cache=True, layer=layer)
 
 
 def _stored():

@@ -1,5 +1,6 @@
-"""Workspace page: open a workspace (``demo`` by default, created on first start) or create one;
-build or resume its catalog with a progress bar; show its status."""
+"""Workspace page: open a workspace (``demo`` by default, created on first start) or create one
+(model, layers, crop grid, storage); build or resume its catalog with a progress bar; show its
+status (counts, layers with their dimensions, the crop grid)."""
 
 from __future__ import annotations
 
@@ -55,9 +56,16 @@ def _status(ws) -> None:
     c[1].metric("Crops", s["crops"])
     c[2].metric("Skipped files", s["skipped"])
     c[3].metric("Classes predicted", len(s["predicted_counts"]))
-    st.caption(f"model `{ws.model}` · layer `{ws.layer}` · input {ws.input_size}px · "
-               f"embedding mode `{ws.mode}` · images `{ws.images_path}` · built "
+    st.caption(f"model `{ws.model}` · default layer `{s['layer']}` · input {ws.input_size}px "
+               f"· embedding mode `{ws.mode}` · images `{ws.images_path}` · built "
                f"{s.get('built_at') or '?'}")
+    st.markdown(f"**Crop grid:** {s['grid']} · **storage:** {s['storage']}")
+    st.dataframe([{"layer": name, "channels": s["dims"][name],
+                   "default": name == s["layer"],
+                   "non-negative": cat.nonnegative(name),
+                   "search": s["index"][name],
+                   "MiB": round(s["store_bytes"][name] / 2**20, 2)} for name in s["layers"]],
+                 hide_index=True, key="home_layers")
     with errors.guard("reading what is precomputed"):
         _precomputed(ws)
     counts = s["predicted_counts"]
@@ -141,7 +149,9 @@ with st.expander("Create a workspace", expanded=False):
     # empty by default: a collapsed form must not load a model on every visit of the home page
     spec = st.text_input("Model spec", key="new_spec", placeholder="efficientnet_lite0")
     layer = None
+    more: list[str] = []
     lm = None
+    options: list[str] = []
     if spec:
         with errors.guard("loading the model"):
             # a python: spec runs its file: only after the warning and this session's OK
@@ -157,7 +167,23 @@ with st.expander("Create a workspace", expanded=False):
                                  index=options.index(rec),
                                  format_func=lambda n: labels.get(n, n),
                                  key="new_layer")
+            more = st.multiselect("More layers (embedded in the same forward; pick the layer "
+                                  "on the Explain and Contrast pages)",
+                                  [o for o in options if o != layer],
+                                  format_func=lambda n: labels.get(n, n), key="new_layers")
     images = st.text_input("Image folder", key="new_images", placeholder="/data/photos")
+    size0 = lm.input_size if lm is not None else 224
+    g1, g2, g3, g4 = st.columns(4)
+    image_size = g1.number_input("Image size (px)", 8, 16384, size0, key="new_image_size",
+                                 help="images are resized and center-cropped to this side "
+                                      "(default: the model input)")
+    crop_size = g2.number_input("Crop size (px)", 1, 16384, max(1, int(image_size) // 3),
+                                key="new_crop_size",
+                                help="default: a third of the image (the paper's 3x3 grid)")
+    stride = g3.number_input("Stride (px)", 1, 16384, int(crop_size), key="new_stride",
+                             help="pixels between crops; smaller than the crop: overlap")
+    storage = g4.selectbox("Storage", ["float16", "float32"], key="new_storage",
+                           help="embedding storage on disk; float16 halves it")
     c1, c2, c3 = st.columns(3)
     mode = c1.selectbox("Crop embedding", ["crop", "cell"], key="new_mode",
                         help="crop: each crop through the model (paper); cell: pooled cells "
@@ -176,10 +202,13 @@ with st.expander("Create a workspace", expanded=False):
                 raise ExplorerError(f"Image folder '{images}' not found; give an existing "
                                     "folder of images (class subfolders or a labels.csv are "
                                     "optional)")
-            ws = Workspace.create(new_name, model=spec.strip(), layer=layer,
+            chosen = [o for o in options if o == layer or o in more]  # forward order
+            ws = Workspace.create(new_name, model=spec.strip(), layer=layer, layers=chosen,
                                   images=str(Path(images).expanduser().resolve()),
                                   input_size=lm.input_size, mode=mode, seed=int(seed),
-                                  device=device)
+                                  device=device, image_size=int(image_size),
+                                  crop_size=int(crop_size), stride=int(stride),
+                                  storage=storage)
             state.set_qp(ws=ws.name, a=None, b=None)
             st.session_state["building"] = str(ws.root)
             st.session_state.pop("home_ws", None)

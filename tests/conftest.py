@@ -95,3 +95,49 @@ def demo_workspace(tmp_path_factory):
     keep = os.environ.get("DEMO_WORKSPACE_HOME")
     home = Path(keep) if keep else tmp_path_factory.mktemp("demo_home")
     return ensure_demo_workspace(home=home, device="cpu")
+
+
+def copy_demo_images(demo_workspace, dest: Path, per_class: int) -> Path:
+    """The first ``per_class`` gallery images of every demo class, copied to ``dest`` with their
+    labels.csv (a small labelled image folder of the demo world)."""
+    import csv
+    import shutil
+
+    src = demo_workspace.images_path
+    dest.mkdir(parents=True, exist_ok=True)
+    taken: dict[str, int] = {}
+    rows = []
+    with (src / "labels.csv").open(newline="") as fh:
+        for r in csv.DictReader(fh):
+            cls = r["file"].split("/")[0]
+            if taken.get(cls, 0) >= per_class:
+                continue
+            taken[cls] = taken.get(cls, 0) + 1
+            (dest / cls).mkdir(exist_ok=True)
+            shutil.copy(src / r["file"], dest / r["file"])
+            rows.append(r)
+    with (dest / "labels.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["file", "label", "label_name"], lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+    return dest
+
+
+MULTI_LAYERS = ["layer3.relu_out", "layer4.bn2", "layer4.relu_out"]
+
+
+@pytest.fixture(scope="session")
+def multilayer_workspace(tmp_path_factory, demo_workspace):
+    """A three-layer catalog (``layer3.relu_out`` 96 ch, ``layer4.bn2`` 192 ch with negative
+    outputs, ``layer4.relu_out`` 192 ch, the default) over 12 demo images per class (120
+    images), in a workspace home of its own: ``<home>/multi``."""
+    from data_index.catalog import build_catalog
+    from data_index.workspace import Workspace
+    from explorer_core.demo_cnn import DEMO_INPUT_SIZE, DEMO_LAYER
+
+    home = tmp_path_factory.mktemp("multi_home")
+    images = copy_demo_images(demo_workspace, home / "images", 12)
+    ws = Workspace.create(home / "multi", model="demo", layers=MULTI_LAYERS, layer=DEMO_LAYER,
+                          images=str(images), input_size=DEMO_INPUT_SIZE, device="cpu")
+    build_catalog(ws, device="cpu")
+    return ws

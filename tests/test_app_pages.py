@@ -437,3 +437,66 @@ def test_participant_session_never_reaches_lead_pages(demo_ws, monkeypatch, lead
     assert [t.value for t in fresh.title] == ["Find the odd one out"]
     assert len(fresh.image) == 5 and not _lead_content(fresh)
     S.close_all()
+
+
+# ---- several layers (issue 10 item 1) ---------------------------------------------------------
+
+@pytest.fixture
+def multi_ws(multilayer_workspace, monkeypatch):
+    """The three-layer demo catalog (tests/conftest.py), opened by name (``multi``)."""
+    monkeypatch.setenv("CONCEPT_EXPLORER_HOME", str(multilayer_workspace.root.parent))
+    monkeypatch.delenv("CONCEPT_EXPLORER_LEAD_KEY", raising=False)
+    return multilayer_workspace
+
+
+def test_home_shows_the_layers_and_the_grid(multi_ws):
+    at = _app(ws="multi").run()
+    assert not at.exception, at.exception
+    table = at.dataframe[0].value
+    assert list(table["layer"]) == ["layer3.relu_out", "layer4.bn2", "layer4.relu_out"]
+    assert list(table["channels"]) == [96, 192, 192]
+    assert list(table["default"]) == [False, False, True]
+    assert list(table["non-negative"]) == [True, False, True]
+    assert any("3x3 crops of 32 px, stride 32, on 96 px images" in m.value and "float16" in
+               m.value for m in at.markdown)
+
+
+def test_explain_page_layer_picker_kept_in_the_url(multi_ws):
+    a, _b, names = pick_classes(multi_ws)
+    at = _app(ws="multi", a=names[a], n=2, images=8, method="grad_x_act",
+              layer="layer3.relu_out")
+    at.switch_page("pages/explain.py").run()
+    assert not at.exception, at.exception
+    picker = at.selectbox(key="ex_layer")
+    assert picker.options == ["layer3.relu_out (96 ch)", "layer4.bn2 (192 ch, has negative "
+                              "outputs)", "layer4.relu_out (192 ch, default)"]
+    assert picker.value == "layer3.relu_out"
+    at.button(key="ex_run").click().run()
+    assert not at.exception, at.exception
+    assert any("layer `layer3.relu_out`" in m.value for m in at.markdown)
+    assert len(_crop_captions(at)) == 2 * 8
+    from explainer.concepts import explain_class
+
+    def shown_for(layer: str) -> list[str]:  # the crops the page shows for that layer
+        expl = explain_class(multi_ws, a, n_concepts=2, method="grad_x_act", max_images=8,
+                             seed=0, m=8, device="cpu", layer=layer)
+        return [f"#{r.crop_id}" for c in expl.concepts for r in c.crops]
+
+    assert _crop_captions(at) == shown_for("layer3.relu_out")
+    picker.set_value("layer4.relu_out").run()  # another layer: its own result
+    assert not at.exception, at.exception
+    assert at.query_params["layer"] in ("layer4.relu_out", ["layer4.relu_out"])
+    assert any("layer `layer4.relu_out`" in m.value for m in at.markdown)
+    caps = _crop_captions(at)
+    assert caps in ([], shown_for("layer4.relu_out")) and caps != shown_for("layer3.relu_out")
+    at.switch_page("pages/contrast.py").run()  # the choice follows to the contrast page
+    assert not at.exception, at.exception
+    assert at.selectbox(key="co_layer").value == "layer4.relu_out"
+
+
+def test_a_one_layer_catalog_has_no_layer_picker(demo_ws):
+    at = _app(ws="demo", layer="layer3.relu_out")  # a layer the catalog lacks: ignored
+    at.switch_page("pages/explain.py").run()
+    assert not at.exception, at.exception
+    assert "ex_layer" not in [w.key for w in at.selectbox]
+    assert any("layer `layer4.relu_out`" in m.value for m in at.markdown)

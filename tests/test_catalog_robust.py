@@ -397,28 +397,32 @@ def _truncate(path: Path, keep: float = 0.5) -> None:
     path.write_bytes(data[:int(len(data) * keep)])
 
 
-@pytest.mark.parametrize("name", ["embeddings.npy", "crop_ids.npy", "flat.faiss"])
+@pytest.mark.parametrize("name", ["emb-00000.npy", "ids.npy", "norms.npy"])
 def test_truncated_index_file_names_the_file_and_the_rebuild(tiny, tmp_path, name):
+    # catalog v2: a layer's embeddings are a store (index/<layer>/emb-*.npy, ids.npy,
+    # norms.npy), no more index/embeddings.npy + flat.faiss
+    from explorer_core.demo_cnn import DEMO_LAYER
+
     ws = _copy_ws(tiny, tmp_path / "ws")
-    _truncate(ws.index_dir / name)
+    _truncate(ws.layer_dir(DEMO_LAYER) / name)
     with pytest.raises(ExplorerError) as info:  # header and size checks: no data read
         Catalog.open(ws)
     msg = str(info.value)
-    assert f"index/{name}" in msg and "truncated" in msg
+    assert f"index/{DEMO_LAYER}/{name}" in msg and "truncated" in msg
     assert f"python -m data_index build --workspace {ws.root} --rebuild" in msg
     r = _cli("search", "--workspace", str(ws.root), "--crop-id", "0")
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert r.stderr.startswith("error: ") and name in r.stderr
 
 
-def test_faiss_file_cut_by_a_few_bytes_fails_where_it_is_read(tiny, tmp_path):
+def test_store_file_cut_by_a_few_bytes_is_refused_at_open(tiny, tmp_path):
+    from explorer_core.demo_cnn import DEMO_LAYER
+
     ws = _copy_ws(tiny, tmp_path / "ws")
-    path = ws.index_dir / "flat.faiss"
-    path.write_bytes(path.read_bytes()[:-16])  # passes the size check of Catalog.open
-    with Catalog.open(ws) as cat:
-        assert cat.embeddings()[1].shape == (108, 192)
-        with pytest.raises(ExplorerError, match=r"index/flat\.faiss .*truncated.*--rebuild"):
-            CropSearch(cat, "flat")
+    path = ws.layer_dir(DEMO_LAYER) / "emb-00000.npy"
+    path.write_bytes(path.read_bytes()[:-16])  # one row short of a few bytes: not read as garbage
+    with pytest.raises(ExplorerError, match=r"emb-00000\.npy is truncated.*--rebuild"):
+        Catalog.open(ws)
 
 
 def test_truncated_chunk_file_stops_the_resume_with_the_rebuild_command(tmp_path, demo_lm):

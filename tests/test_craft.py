@@ -158,9 +158,13 @@ def test_patch_activations_equal_the_reference_encoding(ctx):
     assert not np.allclose(native["acts"], entry["acts"], atol=1e-2)
 
 
-def test_negative_layer_is_refused_or_clamped(ctx):
-    ws = dataclasses.replace(ctx.ws, layer="layer4.bn2")  # pre-ReLU: has negative outputs
-    neg = ExplainContext(ws, ctx.lm, ctx.catalog)
+def test_negative_layer_is_refused_or_clamped(multilayer_workspace, tmp_path):
+    # catalog v2: a context's layer is one of its catalog's layers; layer4.bn2 (pre-ReLU: has
+    # negative outputs) is one of the three-layer demo catalog's
+    base = get_context(multilayer_workspace, "cpu", layer="layer4.bn2")
+    assert not base.catalog.nonnegative("layer4.bn2")  # marked at build
+    neg = ExplainContext(dataclasses.replace(base.ws, root=tmp_path), base.lm, base.catalog,
+                         "layer4.bn2")
     with pytest.raises(ExplorerError, match="negative activations.*clamp=True"):
         craft_activations(neg, 0, max_images=2)
     entry = craft_activations(neg, 0, max_images=2, clamp=True)  # cached, clamped

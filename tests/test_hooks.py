@@ -89,12 +89,15 @@ def test_model_probes_leave_no_hook() -> None:
 
 
 def test_catalog_embedder_removes_its_hook_when_the_forward_fails() -> None:
-    from data_index.catalog import _Embedder
+    # catalog v2: the build's forward (one pass, hooks on every catalog layer) lives in
+    # data_index.embed.Embedder (it was data_index.catalog._Embedder, one layer)
+    from data_index.crops import CropGrid
+    from data_index.embed import Embedder
 
     net = _net()
     lm = LoadedModel("toy", net, torch.device("cpu"), 8, 8, (0.5,) * 3, (0.25,) * 3,
                      ["a", "b", "c"])
-    emb = _Embedder(lm, "3", "cell")
+    emb = Embedder(lm, ["1", "3"], "cell", CropGrid.default(8), 1)
 
     def boom(_a: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("reduce failed")
@@ -103,4 +106,5 @@ def test_catalog_embedder_removes_its_hook_when_the_forward_fails() -> None:
         emb._forward(torch.rand(1, 3, 8, 8), boom)
     assert _hook_count(net) == 0
     logits, pooled = emb._forward(torch.rand(1, 3, 8, 8), lambda a: a.mean(dim=(2, 3)))
-    assert logits.shape == (1, 3) and pooled.shape == (1, 4)
+    assert logits.shape == (1, 3) and [p.shape for p in pooled] == [(1, 4), (1, 4)]
+    assert _hook_count(net) == 0

@@ -15,8 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 ISSUE_INPUTS = ["explain --seed=-1", "explain --seed 2**32", "shift-test --pairs 0",
                 "prediction-test --limit=-1", "explain --out <existing file>",
                 "explain --out /proc/x", "export --out /proc/x.csv",
-                "status --workspace <non-UTF-8 path>", "search over truncated embeddings.npy",
-                "search over truncated flat.faiss", "build resume over truncated emb_00000.npy",
+                "status --workspace <non-UTF-8 path>",
+                # catalog v2 stores embeddings per layer (index/<layer>/emb-*.npy, ids.npy,
+                # norms.npy) instead of embeddings.npy + flat.faiss
+                "search over truncated emb-00000.npy", "search over truncated ids.npy",
+                "search over a v1 catalog", "build resume over truncated emb_00000.npy",
                 "evaluate --every 0", "evaluate --every=-2", "search -m 0",
                 "build --batch-size 0", "build --rebuild while another process reads it"]
 

@@ -81,4 +81,5 @@ def test_ivf_recall_against_exact(lite0_catalog, flat, queries):
     assert r >= 0.75 and r_excl >= 0.75  # measured 0.90 on this catalog (nprobe 8 of 461)
     full = CropSearch(lite0_catalog, "ivf", nprobe=ivf.nlist)  # visiting every list = exact
     assert recall_at_k(full, flat, queries, k=8) == 1.0
-    assert (lite0_catalog.ws.index_dir / f"ivf_{ivf.nlist}.faiss").is_file()  # cached
+    # cached beside the layer's store (catalog v2: index/<layer>/, no index/ivf_*.faiss)
+    assert (lite0_catalog.store().folder / f"ivf_{ivf.nlist}.faiss").is_file()

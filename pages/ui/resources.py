@@ -112,9 +112,10 @@ def results_store() -> ResultStore:
     return ResultStore()
 
 
-def result_key(kind: str, ws: Workspace, *params: Any) -> tuple:
-    """The store key of a result: its kind, the catalog (root and version) and its parameters."""
-    return (kind, *catalog_key(ws), ws.model, ws.layer, *params)
+def result_key(kind: str, ws: Workspace, *params: Any, layer: str | None = None) -> tuple:
+    """The store key of a result: its kind, the catalog (root and version), the layer (default:
+    the workspace's default layer) and its parameters."""
+    return (kind, *catalog_key(ws), ws.model, layer or ws.layer, *params)
 
 
 def computed(key: tuple, compute: Callable[[], Any]) -> Any:

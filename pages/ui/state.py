@@ -9,7 +9,7 @@ import streamlit as st
 
 # URL keys this app keeps across pages (Streamlit drops the query string on page switches, so
 # the last values are remembered in the session and written back on every page).
-SHARED_KEYS = ("ws", "a", "b", "n", "method", "images", "seed", "excl")
+SHARED_KEYS = ("ws", "a", "b", "n", "method", "images", "seed", "excl", "layer")
 
 # --------------------------------------------------------------------------------------------
 # URL state

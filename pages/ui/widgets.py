@@ -66,3 +66,33 @@ def method_settings(prefix: str, images_label: str, images_help: str | None = No
     seed = st.number_input("Seed", 0, 2**31 - 1, key=f"{prefix}_seed")
     set_qp(n=n, method=method, images=int(max_images), seed=int(seed))
     return int(n), method, int(max_images), int(seed)
+
+
+def layer_picker(catalog: Any, *, key: str) -> str:
+    """The layer to explain at, kept in the URL (``layer``). Shown only when the catalog has
+    several layers (call inside ``st.sidebar``); a one-layer catalog gives its layer. A layer in
+    the URL that the catalog lacks falls back to the default layer."""
+    layers = list(catalog.layers)
+    if len(layers) < 2:
+        return str(catalog.default_layer)
+    first = qp("layer")
+    if first not in layers:
+        first = catalog.default_layer
+    init_widget(key, first)
+    if st.session_state[key] not in layers:
+        st.session_state[key] = first
+
+    def label(name: str) -> str:
+        tags = [f"{catalog.dim(name)} ch"]
+        if name == catalog.default_layer:
+            tags.append("default")
+        if not catalog.nonnegative(name):
+            tags.append("has negative outputs")
+        return f"{name} ({', '.join(tags)})"
+
+    layer = st.selectbox("Layer", layers, key=key, format_func=label,
+                         help="The catalog's layers (deeper layers give more abstract "
+                              "concepts); explanations and nearest crops use this layer")
+    set_qp(layer=layer)
+    return str(layer)
+
