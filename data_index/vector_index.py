@@ -54,8 +54,9 @@ The rule (:func:`choose_index`), for ``N`` rows of ``C`` dims and a memory budge
     training  = min(N, max(39*nlist, 32768), 131072) rows sampled with the seed
 
 ``nprobe`` and ``rerank`` are tuned at build on stored crops as queries against the exhaustive
-search: the smallest ``nprobe`` of ``NPROBE_LADDER`` whose recall@8 (with ``rerank`` at its
-largest) reaches ``target_recall``, then the smallest ``rerank`` that keeps it.
+search: the cheapest pair whose recall@8 reaches ``target_recall`` (0.97), cost per query =
+``nprobe*N/nlist*code_bytes + rerank*ROW_COST_BYTES`` (a row read from the store costs about
+as much as scanning 16 KB of codes).
 
 ``build_index(store, folder)`` writes ``index.json`` (the spec, the store it belongs to, file
 sizes, the tuned ``nprobe``/``rerank`` and the measured recall@8) and, for IVF kinds,
@@ -101,11 +102,13 @@ EXACT_SCAN_BYTES = {"cpu": 128 * 2**20}  # CUDA: 80 % of the GPU's memory
 EXACT_CACHE_BYTES = 256 * 2**20  # an exact index holds float32 rows in RAM up to this size
 SQ8_MAX_VALUES = 2**29  # N*C of the largest catalog kept in 8-bit codes (e.g. 400 k x 1280)
 RERANK_CHUNK = 64  # queries re-ranked at a time
+QUERY_CHUNK = 1024  # queries sent to FAISS at a time
 MAX_TRAIN_ROWS = 131072
 DEFAULT_RERANK = 256  # candidates re-ranked exactly per query (the most the tuner tries)
 RERANK_LADDER = (16, 24, 32, 48, 64, 96, 128, 192, 256)
 NPROBE_LADDER = (4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
-TARGET_RECALL = 0.97  # nprobe is tuned to reach this on the build's recall sample
+TARGET_RECALL = 0.97  # nprobe/rerank are tuned to reach this on the build's recall sample
+ROW_COST_BYTES = 16384  # one re-ranked row read ~ scanning this many code bytes (2-core CPU)
 _SCAN_BLOCK_BYTES = 32 * 2**20
 
 
@@ -362,9 +365,11 @@ def choose_index(rows: int, dim: int, memory_budget_bytes: int = DEFAULT_MEMORY_
 
 class _ShardFiles:
     """Positional reads of a store's row shards (same rows as ``store.blocks()`` /
-    ``store.rows()``). Blocks are read with one ``read`` each and gathers through a mapping that
-    is dropped right after, so the pages read never pile up in this process's resident set
-    (they stay in the kernel's page cache, shared and reclaimable)."""
+    ``store.rows()``): blocks with one ``read`` each, gathered rows with one ``pread`` per row.
+    Nothing is mapped, so the pages read never count in this process's resident set (they stay
+    in the kernel's page cache, shared and reclaimable). A mapping would: each touched row maps
+    its whole page-cache folio (up to 2 MB on current kernels) into the process, and re-ranking
+    the candidates of a few thousand queries touches nearly every folio of the store."""
 
     def __init__(self, store: EmbeddingStore) -> None:
         self.store = store
@@ -390,6 +395,7 @@ class _ShardFiles:
             starts.append(starts[-1] + rows)
         self.starts = np.asarray(starts, np.int64)
         self.rows = int(self.starts[-1])
+        self._fds: list[int] | None = None  # opened on the first gather, closed with the object
 
     def block(self, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` as stored (float16/float32), ``(stop - start, C)``."""
@@ -417,21 +423,37 @@ class _ShardFiles:
             yield start, (b if raw else b.astype(np.float32))
 
     def gather(self, positions: np.ndarray) -> np.ndarray:
-        """Rows at ``positions`` (k,) -> ``(k, C)`` float32, in the given order."""
+        """Rows at ``positions`` (k,) -> ``(k, C)`` float32, in the given order (one positional
+        read per row, in file order)."""
         pos = np.asarray(positions, np.int64).ravel()
-        out = np.empty((len(pos), self.dim), np.float32)
         if len(pos) == 0:
-            return out
-        shard_of = np.searchsorted(self.starts, pos, side="right") - 1
-        for k in np.unique(shard_of):
-            sel = np.flatnonzero(shard_of == k)
-            local = pos[sel] - int(self.starts[k])
-            order = np.argsort(local, kind="stable")
-            n = int(self.starts[k + 1] - self.starts[k])
-            mm = np.memmap(self.paths[k], self.dtype, "r", self.offsets[k], (n, self.dim))
-            out[sel[order]] = mm[local[order]]
-            del mm  # unmapped now: its pages leave this process's resident set
+            return np.empty((0, self.dim), np.float32)
+        if pos.min() < 0 or pos.max() >= self.rows:
+            raise IndexError(f"row positions outside 0..{self.rows - 1}")
+        if self._fds is None:
+            self._fds = [os.open(p, os.O_RDONLY) for p in self.paths]
+        order = np.argsort(pos, kind="stable")
+        spos = pos[order]
+        shard = np.searchsorted(self.starts, spos, side="right") - 1
+        row_bytes = self.dim * self.dtype.itemsize
+        offsets = (np.asarray(self.offsets, np.int64)[shard]
+                   + (spos - self.starts[shard]) * row_bytes).tolist()
+        fds = [self._fds[k] for k in shard.tolist()]
+        pread = os.pread
+        data = b"".join([pread(fd, row_bytes, off) for fd, off in zip(fds, offsets)])
+        if len(data) != len(pos) * row_bytes:
+            raise ExplorerError(f"An embedding file in {self.store.folder} is truncated; "
+                                f"rebuild: {_rebuild_cmd(self.store.folder)}")
+        out = np.empty((len(pos), self.dim), np.float32)
+        out[order] = np.frombuffer(data, self.dtype).reshape(-1, self.dim)
         return out
+
+    def __del__(self) -> None:
+        for fd in getattr(self, "_fds", None) or []:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 # ---- the shared pieces ----------------------------------------------------------------------
@@ -681,10 +703,12 @@ class TorchExactIndex:
             else:
                 resident = True
         self.resident = bool(resident)
-        self._chunks: list[tuple[int, Any]] = []
+        self._unit: Any = None  # (N, C) fp16 unit rows on the device, when resident
         if self.resident:
+            self._unit = torch.empty((self.rows, self.dim), dtype=torch.float16,
+                                     device=self.device)
             for start, blk in self.files.blocks(self.chunk_rows, raw=True):
-                self._chunks.append((start, self._unit_rows(start, blk)))
+                self._unit[start:start + len(blk)] = self._unit_rows(start, blk)
 
     def _unit_rows(self, start: int, blk: np.ndarray) -> Any:
         """Stored rows ``blk`` (n, C) -> unit rows (n, C) fp16 on the device."""
@@ -695,9 +719,12 @@ class TorchExactIndex:
         inv = torch.where(nrm > 0, 1.0 / nrm.clamp_min(1e-30), torch.zeros_like(nrm))
         return (t.float() * inv[:, None]).half()
 
-    def _device_chunks(self) -> Iterator[tuple[int, Any]]:
+    def _device_chunks(self, step: int) -> Iterator[tuple[int, Any]]:
+        """``(first row, unit rows (n, C) fp16 on the device)``, ``step`` rows at a time when
+        resident (views), ``chunk_rows`` when streamed."""
         if self.resident:
-            yield from self._chunks
+            for start in range(0, self.rows, step):
+                yield start, self._unit[start:start + step]
         else:
             for start, blk in self.files.blocks(self.chunk_rows, raw=True):
                 yield start, self._unit_rows(start, blk)
@@ -709,6 +736,7 @@ class TorchExactIndex:
         out = np.full((k, pool), -1, np.int64)
         # scores of one step: (queries, rows) fp16, at most 2^28 values (512 MB)
         qstep = max(1, min(k, (1 << 28) // self.chunk_rows))
+        step = max(self.chunk_rows, (1 << 28) // qstep)
         excl = torch.from_numpy(excluded).to(self.device) if len(excluded) else None
         with torch.inference_mode():
             for a in range(0, k, qstep):
@@ -716,7 +744,7 @@ class TorchExactIndex:
                 best_s = torch.full((len(q), pool), -torch.inf, dtype=torch.float16,
                                     device=self.device)
                 best_p = torch.full((len(q), pool), -1, dtype=torch.int64, device=self.device)
-                for start, rows in self._device_chunks():
+                for start, rows in self._device_chunks(step):
                     s = q @ rows.T  # (q, n) fp16 cosines of unit rows
                     if excl is not None:
                         inside = excl[(excl >= start) & (excl < start + len(rows))] - start
@@ -770,6 +798,7 @@ class IVFIndex:
         self._exact: ExactIndex | None = None
         self._lock = threading.Lock()
         self.stats = {"retries": 0, "exact_fallbacks": 0}
+        self._selectors: dict[tuple[int, int], tuple[Any, Any, np.ndarray]] = {}
 
     @property
     def nlist(self) -> int:
@@ -780,13 +809,26 @@ class IVFIndex:
         faiss = _faiss()
         nprobe = min(nprobe, self.nlist)
         if len(excluded):
-            batch = faiss.IDSelectorBatch(excluded)
-            sel = faiss.IDSelectorNot(batch)
-            params = faiss.SearchParametersIVF(sel=sel, nprobe=nprobe)
+            params = faiss.SearchParametersIVF(sel=self._selector(excluded), nprobe=nprobe)
         else:
             params = faiss.SearchParametersIVF(nprobe=nprobe)
         _, pos = self.index.search(q, kp, params=params)
         return pos
+
+    def _selector(self, excluded: np.ndarray) -> Any:
+        """``IDSelectorNot(IDSelectorBatch(excluded))`` over row positions; the last few are
+        kept (a class's exclusion is asked for again and again)."""
+        faiss = _faiss()
+        key = (len(excluded), hash(excluded.tobytes()))
+        with self._lock:
+            hit = self._selectors.pop(key, None)
+            if hit is None or not np.array_equal(hit[2], excluded):
+                batch = faiss.IDSelectorBatch(excluded)
+                hit = (faiss.IDSelectorNot(batch), batch, excluded.copy())  # batch outlives Not
+            self._selectors[key] = hit
+            while len(self._selectors) > 4:
+                self._selectors.pop(next(iter(self._selectors)))
+        return hit[0]
 
     def candidates(self, q_unit: np.ndarray, m: int, excluded: np.ndarray, n_allowed: int
                    ) -> tuple[np.ndarray, np.ndarray]:
@@ -815,8 +857,13 @@ class IVFIndex:
         n_allowed = self.rows - len(excluded)
         if n_allowed <= 0:
             return _empty(len(q), m)
-        cand, short = self.candidates(q, m, excluded, n_allowed)
-        s, p = _select_top(exact_cosines(self.files, self.store.norms, q, cand), cand, m)
+        s, p = _empty(len(q), m)
+        short = np.zeros(len(q), bool)
+        for a in range(0, len(q), QUERY_CHUNK):  # bounds FAISS's per-query tables and results
+            qa = q[a:a + QUERY_CHUNK]
+            cand, short[a:a + QUERY_CHUNK] = self.candidates(qa, m, excluded, n_allowed)
+            s[a:a + QUERY_CHUNK], p[a:a + QUERY_CHUNK] = _select_top(
+                exact_cosines(self.files, self.store.norms, qa, cand), cand, m)
         if short.any():  # FAISS found too few allowed rows even with every list: scan exactly
             self.stats["exact_fallbacks"] += int(short.sum())
             with self._lock:
@@ -908,9 +955,10 @@ def build_index(store: EmbeddingStore, folder: str | os.PathLike, kind: str = "a
     seed : int
         Seeds the training sample, k-means and the recall queries.
     recall_queries : int
-        Stored crops used as queries to tune ``nprobe`` (the smallest of ``NPROBE_LADDER`` whose
-        recall@8 after re-rank reaches ``target_recall``) and to measure the recall stored in
-        ``index.json`` (0: neither; IVF kinds then keep ``nprobe`` 16).
+        Stored crops used as queries to tune ``nprobe`` and ``rerank`` (the cheapest pair whose
+        recall@8 after re-rank reaches ``target_recall``, see :func:`_tune`) and to measure the
+        recall stored in ``index.json`` (0: neither; IVF kinds then keep ``nprobe`` 16 and
+        ``rerank``).
     spec : IndexSpec, optional
         Use this choice instead of the rule (e.g. to force ``nlist`` or the code size).
 
@@ -967,24 +1015,51 @@ def build_index(store: EmbeddingStore, folder: str | os.PathLike, kind: str = "a
 
 def _tune(index: IVFIndex, store: EmbeddingStore, qpos: np.ndarray, truth: np.ndarray,
           target: float, max_rerank: int) -> dict:
-    """Smallest ``nprobe`` (at the largest re-rank pool) whose recall@8 reaches ``target``, then
-    the smallest ``rerank`` that keeps it; sets both on ``index`` and returns them."""
-    index.rerank = max_rerank
+    """The cheapest ``(nprobe, rerank)`` whose recall@8 on the stored rows ``qpos`` (own row left
+    out) reaches ``target``; sets both on ``index`` and returns them with the estimate.
+
+    Cost per query, in bytes of codes scanned: ``nprobe * N/nlist * code_bytes`` (FAISS) plus
+    ``rerank * ROW_COST_BYTES`` (each candidate re-ranked is one row read from the store). For
+    each ``nprobe`` of ``NPROBE_LADDER`` one FAISS search with ``max_rerank`` candidates is
+    re-scored exactly; the candidates come sorted by their approximate score, so the recall of
+    every smaller ``rerank`` is that of a prefix. The ladder stops at 4x the first ``nprobe``
+    that reaches the target (or at ``nlist``); when none does, the best recall found is kept.
+    """
+    q = _unit_queries(index.files.gather(qpos), index.dim)
+    own = qpos[:, None]
+    truth_sets = [set(t[t >= 0].tolist()) for t in truth]
+    per_list = index.rows / index.nlist * index.spec.code_bytes
+    none = np.zeros(0, np.int64)
+    found: list[tuple[float, int, int, float]] = []  # (cost, nprobe, rerank, recall)
+    best: tuple[float, int, int] = (-1.0, index.nlist, max_rerank)  # (recall, nprobe, rerank)
+    first_ok = 0
+    reranks = sorted({r for r in RERANK_LADDER if r < max_rerank} | {max_rerank})
     for nprobe in NPROBE_LADDER:
-        index.nprobe = min(nprobe, index.nlist)
-        best = recall_at(index, store, qpos, truth, 8)
-        if best >= target or index.nprobe >= index.nlist:
+        nprobe = min(nprobe, index.nlist)
+        cand = index._faiss_search(q, max_rerank, nprobe, none)
+        exact = exact_cosines(index.files, store.norms, q, cand)
+        for r in reranks:
+            _, top = _select_top(exact[:, :r], cand[:, :r], 9)
+            top = np.where(top == own, -1, top)  # the query's own row does not count
+            hits = sum(len(ts & set(row[row >= 0][:8].tolist()))
+                       for ts, row in zip(truth_sets, top))
+            rec = hits / max(1, sum(len(ts) for ts in truth_sets))
+            if rec > best[0]:
+                best = (rec, nprobe, r)
+            if rec >= target:
+                found.append((nprobe * per_list + r * ROW_COST_BYTES, nprobe, r, rec))
+                first_ok = first_ok or nprobe
+                break
+        if nprobe >= index.nlist or (first_ok and nprobe >= 4 * first_ok):
             break
-    floor, chosen = min(target, best), max_rerank
-    for rerank in RERANK_LADDER:
-        if rerank >= max_rerank:
-            break
-        index.rerank = rerank
-        if recall_at(index, store, qpos, truth, 8) >= floor:
-            chosen = rerank
-            break
-    index.rerank = chosen
-    return {"nprobe": index.nprobe, "rerank": index.rerank}
+    if found:
+        cost, index.nprobe, index.rerank, rec = min(found)
+    else:
+        rec, index.nprobe, index.rerank = best
+        cost = index.nprobe * per_list + index.rerank * ROW_COST_BYTES
+    return {"nprobe": index.nprobe, "rerank": index.rerank,
+            "tune": {"target": target, "recall_estimate": round(rec, 4),
+                     "cost_bytes_per_query": int(cost), "row_cost_bytes": ROW_COST_BYTES}}
 
 
 def _open_exact(store: EmbeddingStore, spec: IndexSpec, device: str) -> VectorIndex:
