@@ -60,12 +60,23 @@ as much as scanning 16 KB of codes).
 
 ``build_index(store, folder)`` writes ``index.json`` (the spec, the store it belongs to, file
 sizes, the tuned ``nprobe``/``rerank`` and the measured recall@8) and, for IVF kinds,
-``ivf.faiss``;
-each file is written to a temporary name and renamed, the manifest last.
+``ivf.faiss``; each file is written to a temporary name and renamed, the manifest last.
 ``open_index(folder, store)`` checks them and names any missing or truncated file with the
-rebuild command. Build memory: the training sample (``<= 131072*C*4`` bytes), one block and
-the codes themselves; the store is never read whole into RAM (blocks and gathers are read
-with positional reads, so mapped pages do not pile up in the process's resident set).
+rebuild command. IVF indexes search on the CPU whatever the device (faiss-cpu).
+
+Use (what ``CropSearch`` does with one layer's store)::
+
+    index = build_index(store, ws_index_dir / layer_folder / "search", kind="auto",
+                        memory_budget="2GB", seed=ws.seed, progress=progress)
+    meta = index.info            # kind, spec (rule, parameters, formula), nprobe, rerank,
+                                 # recall_at_8 (tuning queries) -> the catalog's meta
+    index = open_index(folder, store, device="cpu")        # later, in the app / CLI
+    scores, ids = index.search(vectors, 8, exclude_ids=catalog.excluded_crop_ids(a))
+
+Build memory: the training sample (``<= 131072*C*4`` bytes), one block and the codes
+themselves (``N*(code+8)``, as when searching); the store is never read whole into RAM, and
+blocks and gathered rows are read with positional reads, so no mapped page of the store piles
+up in the process's resident set.
 """
 
 from __future__ import annotations
@@ -899,7 +910,8 @@ def _train_ivf(files: _ShardFiles, spec: IndexSpec, seed: int, progress: Progres
     index.cp.spherical = True
     index.cp.max_points_per_centroid = max(39, spec.train_rows // max(1, spec.nlist) + 1)
     rng = np.random.default_rng(seed)
-    sample = np.sort(rng.choice(files.rows, size=spec.train_rows, replace=False))
+    sample = np.sort(rng.choice(files.rows, size=min(spec.train_rows, files.rows),
+                                replace=False))
     report(progress, "train", 0, 1, "index", f"{spec.kind}: {spec.train_rows} training rows")
     x = np.empty((len(sample), d), np.float32)
     for a in range(0, len(sample), 16384):
