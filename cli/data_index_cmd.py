@@ -1,4 +1,4 @@
-"""Command line: ``python -m data_index {build,status,search,layers,export}``.
+"""Command line: ``python -m data_index {build,index,status,search,layers,export}``.
 
 User errors print ``error: <message>`` on stderr and exit with status 2 (no traceback): bad
 arguments are refused by the parser (:mod:`cli.args`) before any work starts, and
@@ -17,6 +17,30 @@ from explorer_core.trust import user_code_allowed
 
 from .args import CliParser, int_range, output_file, positive_int, workspace_arg
 from .common import ProgressBar, open_workspace
+
+_INDEX_KINDS = ["auto", "exact", "flat", "ivf-sq8", "ivf-pq"]
+
+
+def _memory_size(text: str) -> str:
+    """``--memory-budget 2GB``: a positive size (GB/GiB/MB/...; bytes without a unit)."""
+    from data_index.vector_index import parse_bytes
+
+    try:
+        ok = parse_bytes(text) > 0
+    except ExplorerError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    if not ok:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a positive size; write e.g. 2GB")
+    return text
+
+
+def _add_index_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--index", choices=_INDEX_KINDS, default="auto",
+                   help="search index per layer: auto (exact for small catalogs, else IVF with "
+                        "8-bit or 4-bit codes under --memory-budget, re-ranked exactly), exact "
+                        "(= flat), ivf-sq8, ivf-pq")
+    p.add_argument("--memory-budget", type=_memory_size, default="2GB",
+                   help="resident memory the search index may use (default 2GB)")
 
 
 def _layer_list(text: str) -> list[str]:
@@ -90,18 +114,21 @@ def _run_build(ws, args: argparse.Namespace, lm) -> int:
     label = f"catalog {ws.name} ({ws.mode})"
     with ProgressBar(label, args.quiet) as bar:
         if args.merge:
-            st = merge_shards(ws, model=lm, progress=bar)
+            st = merge_shards(ws, model=lm, progress=bar, index=args.index,
+                              memory_budget=args.memory_budget)
         elif args.ray is not None:
             from data_index.ray_build import build_catalog_ray
 
             st = build_catalog_ray(ws, address=args.ray or None, workers=args.ray_workers,
                                    batch_size=args.batch_size, device=args.device,
                                    progress=bar, limit=args.limit, model=lm,
-                                   rebuild=args.rebuild)
+                                   rebuild=args.rebuild, index=args.index,
+                                   memory_budget=args.memory_budget)
         else:
             st = build_catalog(ws, batch_size=args.batch_size, progress=bar, limit=args.limit,
                                model=lm, rebuild=args.rebuild, shards=args.shards or 1,
-                               shard=args.shard or 0)
+                               shard=args.shard or 0, index=args.index,
+                               memory_budget=args.memory_budget)
     if st.already_complete:
         print(f"catalog of '{ws.name}' already complete: {st.n_images} images, "
               f"{st.n_crops} crops, {st.n_skipped} skipped (use --rebuild to redo)")
@@ -132,9 +159,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
             print(json.dumps(st, indent=2))
             return 0
         dims, sizes, index = st.pop("dims"), st.pop("store_bytes"), st.pop("index")
+        recall, ibytes = st.pop("recall_at_8"), st.pop("index_bytes")
         st.pop("dim")
         st["layers"] = ", ".join(
-            f"{k} ({dims[k]} dims, {sizes[k] / 2**20:.1f} MiB, {index[k]})"
+            f"{k} ({dims[k]} dims, {sizes[k] / 2**20:.1f} MiB, index {index[k]}"
+            + (f" {ibytes[k] / 2**20:.1f} MiB" if ibytes[k] else "")
+            + (f", recall@8 {recall[k]:.3f}" if recall[k] is not None else "") + ")"
             + (" [default]" if k == st["layer"] else "") for k in st["layers"])
         for k, v in st.items():
             print(f"{k:14s} {v}")
@@ -173,6 +203,22 @@ def _cmd_search(args: argparse.Namespace) -> int:
 def _shown(path: str) -> str:
     """A path for the terminal: bytes that are not UTF-8 as ``\\xNN`` (print would fail)."""
     return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    from data_index.catalog import reindex_catalog
+
+    ws = open_workspace(args.workspace, quiet=args.quiet)
+    with ProgressBar(f"search index of {ws.name}", args.quiet) as bar:
+        stamps = reindex_catalog(ws, args.index, args.memory_budget,
+                                 [args.layer] if args.layer else None, progress=bar)
+    for key in sorted(k for k in stamps if k.startswith("index:")):
+        layer = key.split(":", 1)[1]
+        rec = stamps.get(f"recall_at_8:{layer}") or "?"
+        size = int(stamps.get(f"index_bytes:{layer}") or 0)
+        print(f"{layer}: {stamps[key]} index, {size / 2**20:.1f} MiB, recall@8 {rec} "
+              f"({stamps.get(f'index_detail:{layer}')})")
+    return 0
 
 
 def _cmd_layers(args: argparse.Namespace) -> int:
@@ -234,8 +280,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rebuild", action="store_true",
                    help="delete the catalog and build anew (refused while the workspace is in "
                         "use by another process)")
+    _add_index_args(b)
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=_cmd_build)
+    ix = sub.add_parser("index", help="(re)build the search index of a catalog's layers under "
+                                      "another kind or memory budget")
+    ix.add_argument("--workspace", required=True, type=workspace_arg)
+    ix.add_argument("--layer", default=None, help="one layer (default: every layer)")
+    _add_index_args(ix)
+    ix.add_argument("--quiet", action="store_true", help="no progress bar")
+    ix.set_defaults(func=_cmd_index)
     s = sub.add_parser("status", help="counts, completeness, skipped files")
     s.add_argument("--workspace", required=True, type=workspace_arg)
     s.add_argument("--json", action="store_true")
@@ -248,8 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-m", type=positive_int, default=8,
                    help="number of nearest crops (>= 1; capped at the number of crops)")
     q.add_argument("--exclude-class", type=int_range(0, 2**31 - 1), default=None)
-    q.add_argument("--kind", choices=["flat", "ivf"], default="flat",
-                   help="flat: exact search over the stored embeddings; ivf: approximate")
+    q.add_argument("--kind", choices=["auto", "flat", "exact", "ivf", "ivf-sq8", "ivf-pq"],
+                   default="auto",
+                   help="auto: the index the build chose (see status); flat/exact: exact scan "
+                        "over the stored embeddings; ivf-sq8/ivf-pq: that built index; ivf: "
+                        "an uncompressed approximate IVF built on first use")
     q.add_argument("--layer", default=None,
                    help="one of the catalog's layers (default: its default layer)")
     q.set_defaults(func=_cmd_search)

@@ -112,6 +112,7 @@ from .store import EmbeddingStore, StoreWriter
 from .workspace import Workspace
 
 __all__ = ["BuildStats", "Catalog", "OldCatalogError", "build_catalog", "merge_shards",
+           "reindex_catalog",
            "EXPORTABLE_TABLES", "IMAGE_SHARE_THRESHOLD", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = "2"
@@ -514,25 +515,116 @@ def _assemble(con: duckdb.DuckDBPyConnection, ws: Workspace, plan: _Plan,
     return {layer: w.finish({"layer": layer}) for layer, w in zip(plan.layers, writers)}
 
 
+def _search_stamps(ws: Workspace, layers: Sequence[str], kind: str, memory_budget: int | str,
+                   progress: ProgressFn | None) -> dict[str, str]:
+    """Build each layer's search index (:func:`data_index.vector_index.build_index`, chosen
+    by ``kind`` and ``memory_budget``) into ``index/<layer>/search/`` and return the ``meta``
+    rows that describe it: ``index:<layer>`` (the kind), ``recall_at_8:<layer>`` (measured
+    against the exhaustive search on stored crops as queries), ``index_bytes:<layer>``,
+    ``index_detail:<layer>`` (JSON: nlist, nprobe, rerank, code bytes, why this kind) and
+    ``index_id:<layer>`` (new for every approximate index; part of the result cache's keys)."""
+    from .vector_index import build_index
+
+    out: dict[str, str] = {}
+    for layer in layers:
+        store = EmbeddingStore.open(ws.layer_dir(layer))
+        report(progress, "search index", 0, 1, "layers", message=f"{layer}: choosing the index")
+        idx = build_index(store, ws.layer_dir(layer) / "search", kind=kind,
+                          memory_budget=memory_budget, seed=int(ws.seed), progress=progress)
+        info = dict(getattr(idx, "info", {}) or {})
+        spec = dict(info.get("spec") or {})
+        out[f"index:{layer}"] = str(info.get("kind", "exact"))
+        out[f"recall_at_8:{layer}"] = (f"{float(info['recall_at_8']):.4f}"
+                                       if "recall_at_8" in info else "")
+        out[f"index_bytes:{layer}"] = str(sum(int(v) for v in (info.get("files") or {}).values()))
+        out[f"index_detail:{layer}"] = json.dumps(spec, sort_keys=True)
+        out[f"index_id:{layer}"] = ("exact" if out[f"index:{layer}"] == "exact"
+                                    else uuid.uuid4().hex)
+    return out
+
+
 def _complete(con: duckdb.DuckDBPyConnection, ws: Workspace, plan: _Plan,
               chunk_path: Callable[[int], Path], t_start: float,
-              progress: ProgressFn | None) -> None:
-    """Assemble the stores, mark the catalog complete, delete the chunk files."""
+              progress: ProgressFn | None, index: str = "auto",
+              memory_budget: int | str | None = None) -> None:
+    """Assemble the stores, build each layer's search index, mark the catalog complete,
+    delete the chunk files."""
+    from .vector_index import DEFAULT_MEMORY_BUDGET
+
     report(progress, "assemble", plan.total, plan.total, "images",
            message=f"{len(plan.layers)} layer store(s)")
     _assemble(con, ws, plan, chunk_path)
+    search = _search_stamps(ws, plan.layers, index, memory_budget or DEFAULT_MEMORY_BUDGET,
+                            progress)
     con.execute("BEGIN TRANSACTION")
     stamps = {"complete": "true", "seconds": f"{time.perf_counter() - t_start:.1f}",
               "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
               # build_id: new on every completed build, part of the result cache's keys
-              "build_id": uuid.uuid4().hex,
-              **{f"index:{layer}": "exact" for layer in plan.layers}}
-    con.execute("DELETE FROM meta WHERE key IN (SELECT unnest(?::VARCHAR[]))", [list(stamps)])
-    for key, val in stamps.items():
-        con.execute("INSERT INTO meta VALUES (?, ?)", [key, val])
+              "build_id": uuid.uuid4().hex, **search}
+    _write_stamps(con, stamps)
     con.execute("COMMIT")
     for k in range(plan.n_chunks):
         chunk_path(k).unlink(missing_ok=True)
+
+
+def _check_index_request(kind: str, memory_budget: int | str | None) -> None:
+    """Refuse an unknown index kind or an unreadable / non-positive memory budget."""
+    from .vector_index import ALIASES, KINDS, parse_bytes
+
+    if ALIASES.get(kind, kind) not in KINDS:
+        raise ExplorerError(f"Unknown index kind '{kind}'; use one of auto, exact (flat), "
+                            "ivf-sq8, ivf-pq")
+    if memory_budget is not None and parse_bytes(memory_budget) <= 0:
+        raise ExplorerError(f"Memory budget '{memory_budget}' must be positive, e.g. 2GB")
+
+
+def _write_stamps(con: duckdb.DuckDBPyConnection, stamps: dict[str, str]) -> None:
+    """Replace the ``meta`` rows named by ``stamps`` (inside the caller's transaction)."""
+    con.execute("DELETE FROM meta WHERE key IN (SELECT unnest(?::VARCHAR[]))", [list(stamps)])
+    for key, val in stamps.items():
+        con.execute("INSERT INTO meta VALUES (?, ?)", [key, val])
+
+
+def reindex_catalog(ws: Workspace, kind: str = "auto", memory_budget: int | str | None = None,
+                    layers: Sequence[str] | None = None,
+                    progress: ProgressFn | None = None) -> dict[str, str]:
+    """(Re)build the search index of ``layers`` (default: all) of a complete catalog, under the
+    exclusive workspace lock (refused while the workspace is in use), and record it in
+    ``meta`` (see :func:`_search_stamps`). Returns the ``meta`` rows written."""
+    from .vector_index import DEFAULT_MEMORY_BUDGET
+
+    _check_index_request(kind, memory_budget)
+    _release_readers(ws.catalog_path)
+    lock = lock_workspace(ws.root, exclusive=True)
+    try:
+        if not ws.catalog_path.is_file():
+            raise ExplorerError(f"Workspace '{ws.name}' has no catalog yet; build it first: "
+                                f"python -m data_index build --workspace {ws.root}")
+        con = _connect_rw(ws.catalog_path)
+        try:
+            meta = _read_meta(con)
+            if _is_v1(ws, meta):
+                raise _old_catalog(ws)
+            if meta.get("complete") != "true":
+                raise ExplorerError(f"The catalog of workspace '{ws.name}' is not complete; "
+                                    f"finish it first: python -m data_index build --workspace "
+                                    f"{ws.root}")
+            have = json.loads(meta.get("layers") or "[]")
+            todo = list(layers or have)
+            unknown = [x for x in todo if x not in have]
+            if unknown:
+                raise ExplorerError(f"Layer '{unknown[0]}' is not in the catalog of workspace "
+                                    f"'{ws.name}'; its layers: {', '.join(have)}")
+            stamps = _search_stamps(ws, todo, kind, memory_budget or DEFAULT_MEMORY_BUDGET,
+                                    progress)
+            con.execute("BEGIN TRANSACTION")
+            _write_stamps(con, stamps)
+            con.execute("COMMIT")
+        finally:
+            con.close()
+    finally:
+        lock.release()
+    return stamps
 
 
 def _delete_catalog(ws: Workspace) -> None:
@@ -581,7 +673,8 @@ def build_catalog(ws: Workspace, *, batch_size: int = 32, device: str = "auto",
                   progress: ProgressFn | None = None,
                   limit: int | None = None, model: Any = None, chunk_size: int = 256,
                   num_workers: int | None = None, rebuild: bool = False, shards: int = 1,
-                  shard: int = 0, source: ChunkSource | None = None) -> BuildStats:
+                  shard: int = 0, source: ChunkSource | None = None, index: str = "auto",
+                  memory_budget: int | str | None = None) -> BuildStats:
     """Build (or resume) the crop catalog of ``ws``; see the module docstring.
 
     Parameters
@@ -603,6 +696,10 @@ def build_catalog(ws: Workspace, *, batch_size: int = 32, device: str = "auto",
         :func:`merge_shards` makes the catalog once every shard is done.
     source : where chunks are computed (default: in this process; the Ray build passes its
         workers, :mod:`data_index.ray_build`).
+    index, memory_budget : the search index built for every layer when the catalog completes
+        (:func:`data_index.vector_index.choose_index`: ``auto`` | ``exact`` | ``ivf-sq8`` |
+        ``ivf-pq``; budget in bytes or ``"2GB"``, default 2 GB); :func:`reindex_catalog`
+        changes it later.
 
     Returns
     -------
@@ -611,6 +708,7 @@ def build_catalog(ws: Workspace, *, batch_size: int = 32, device: str = "auto",
     t_start = time.perf_counter()
     _check_sizes(batch_size=batch_size, chunk_size=chunk_size, limit=1 if limit is None
                  else limit, shards=shards)
+    _check_index_request(index, memory_budget)  # before hours of work, not after
     if not 0 <= int(shard) < int(shards):
         raise ExplorerError(f"shard={shard}: use a shard number in 0..{int(shards) - 1}")
     if model is None:
@@ -667,7 +765,7 @@ def build_catalog(ws: Workspace, *, batch_size: int = 32, device: str = "auto",
         processed = _run_chunks(con, ws.index_dir, plan, todo, done, src, progress,
                                 plan.n_chunks)
         _complete(con, ws, plan, lambda k: ws.index_dir / f"emb_{k:05d}.npy", t_start,
-                  progress)
+                  progress, index, memory_budget)
         n_img, n_crop, n_sk, _ = _counts(con)
     finally:
         con.close()
@@ -772,13 +870,15 @@ def _shard_metas(ws: Workspace) -> dict[int, dict[str, str]]:
 
 
 def merge_shards(ws: Workspace, *, model: Any = None, device: str = "auto",
-                 progress: ProgressFn | None = None) -> BuildStats:
+                 progress: ProgressFn | None = None, index: str = "auto",
+                 memory_budget: int | str | None = None) -> BuildStats:
     """Merge the shards of a sharded build (``shards/<i>/``) into the workspace's catalog:
     every table's rows in chunk (= image-id) order, each layer's store assembled from the
     shards' chunk files -- the catalog a single-process build writes (same rows but the build
     stamps, equal embeddings). Refused, naming what to run, while a shard is missing or
     incomplete; replaces an existing catalog; deletes ``shards/`` when done."""
     t_start = time.perf_counter()
+    _check_index_request(index, memory_budget)
     if model is None:
         from explorer_core.models import shared_model
 
@@ -853,7 +953,7 @@ def merge_shards(ws: Workspace, *, model: Any = None, device: str = "auto",
         for i in range(n):
             con.execute(f"DETACH s{i}")
         _complete(con, ws, plan, lambda k: _shard_dir(ws, k % n) / "index" / f"emb_{k:05d}.npy",
-                  t_start, progress)
+                  t_start, progress, index, memory_budget)
         n_img, n_crop, n_sk, n_ch = _counts(con)
         con.close()
         con = None
@@ -1075,6 +1175,17 @@ class Catalog:
         """Whether ``layer``'s outputs were non-negative on the probe inputs (post-ReLU)."""
         return self.meta.get(f"nonnegative:{self.check_layer(layer)}") == "true"
 
+    def recall_at_8(self, layer: str | None = None) -> float | None:
+        """Recall@8 of ``layer``'s search index against the exhaustive search, measured when
+        the index was built (``None`` for catalogs built before it was measured)."""
+        text = self.meta.get(f"recall_at_8:{self.check_layer(layer)}") or ""
+        return float(text) if text else None
+
+    def index_id(self, layer: str | None = None) -> str:
+        """``exact`` or the id of ``layer``'s approximate search index (new on every index
+        build): what the crops a search returns depend on, beside the catalog itself."""
+        return self.meta.get(f"index_id:{self.check_layer(layer)}") or "exact"
+
     def store(self, layer: str | None = None) -> EmbeddingStore:
         """The crop embeddings of ``layer`` (memory-mapped :class:`EmbeddingStore`)."""
         name = self.check_layer(layer)
@@ -1135,6 +1246,9 @@ class Catalog:
                 "mode": self.mode, "dim": self.dim(), "storage": self.storage,
                 "grid": self.grid.label(),
                 "index": {k: self.meta.get(f"index:{k}", "exact") for k in self.layers},
+                "recall_at_8": {k: self.recall_at_8(k) for k in self.layers},
+                "index_bytes": {k: int(self.meta.get(f"index_bytes:{k}") or 0)
+                                for k in self.layers},
                 "store_bytes": {k: s.nbytes for k, s in stores.items()},
                 "images": self.n_images, "crops": self.n_crops, "skipped": self.n_skipped,
                 "complete": self.meta.get("complete") == "true",

@@ -181,7 +181,8 @@ def build_catalog_ray(ws: Workspace, address: str | None = None, *, workers: int
                       batch_size: int = 32, device: str = "auto",
                       progress: ProgressFn | None = None, limit: int | None = None,
                       model: Any = None, chunk_size: int = 256, rebuild: bool = False,
-                      num_cpus: int | None = None) -> BuildStats:
+                      num_cpus: int | None = None, index: str = "auto",
+                      memory_budget: int | str | None = None) -> BuildStats:
     """Build (or resume) the catalog of ``ws`` with Ray workers (see the module docstring).
 
     ``address``: a Ray cluster (``HOST:PORT`` or ``auto``); ``None`` starts a local Ray (with
@@ -198,6 +199,7 @@ def build_catalog_ray(ws: Workspace, address: str | None = None, *, workers: int
         dev = ws.device if device in (None, "", "auto") else device
         return build_catalog(ws, batch_size=batch_size, progress=progress, limit=limit,
                              model=model, chunk_size=chunk_size, rebuild=rebuild,
+                             index=index, memory_budget=memory_budget,
                              source=ray_source(ws.model, dev or "auto", workers, batch_size))
     finally:
         if started:

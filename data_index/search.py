@@ -23,6 +23,15 @@ selector (``IDSelectorNot(IDSelectorBatch(excluded))``). Either way a search ret
 the top-m of the allowed set (or all allowed crops when there are fewer) -- no
 over-fetch-and-filter that could come back short.
 
+``kind="auto"`` (the default) uses the index the catalog build chose for the layer
+(:mod:`data_index.vector_index`, recorded in ``index/<layer>/search/index.json`` and the
+catalog's ``meta``): for small catalogs the exact scan above (on CUDA a chunked fp16 matmul +
+top-k on the GPU), for large ones an IVF index with 8-bit or 4-bit codes whose candidates are
+re-ranked exactly against the float16 store, so scores are exact cosines and only recall
+(measured at build, ``recall_at_8:<layer>``) is approximate. ``kind="ivf-sq8"`` / ``"ivf-pq"``
+require that built index; ``python -m data_index index`` rebuilds it under another kind or
+memory budget.
+
 ``m`` is capped at the number of crops.
 """
 
@@ -44,7 +53,7 @@ from .store import EmbeddingStore
 
 __all__ = ["CropSearch", "recall_at_k", "normalize_rows", "KINDS"]
 
-KINDS = ("auto", "flat", "exact", "ivf")
+KINDS = ("auto", "flat", "exact", "ivf", "ivf-sq8", "ivf-pq")
 BLOCK_BYTES = 32 << 20
 """Float32 bytes of one block of stored rows scanned at a time by the exact search."""
 
@@ -184,7 +193,8 @@ class CropSearch:
     """
 
     def __init__(self, catalog: Catalog, layer: str | None = None, kind: str = "auto",
-                 nlist: int | None = None, nprobe: int = 16, seed: int = 0) -> None:
+                 nlist: int | None = None, nprobe: int = 16, seed: int = 0,
+                 device: str = "cpu") -> None:
         if layer in KINDS and layer not in catalog.layers:  # the old CropSearch(cat, "flat")
             layer, kind = None, str(layer)
         if kind not in KINDS:
@@ -199,6 +209,9 @@ class CropSearch:
         self.dim = self.store.dim
         self.nlist: int | None = None
         self.index: Any = None
+        self.vindex: Any = None  # the catalog's built index (vector_index), when it is used
+        if kind in ("auto", "ivf-sq8", "ivf-pq"):
+            self._open_built(kind, str(device))
         if self.kind == "ivf":
             faiss = _faiss()
             n = len(self.store)
@@ -214,6 +227,28 @@ class CropSearch:
                     index = None
             self.index = index if index is not None else _build_ivf(self.store, self.nlist,
                                                                     seed, path)
+
+    def _open_built(self, kind: str, device: str) -> None:
+        """Use the index the build wrote for this layer (``index/<layer>/search/``): an IVF
+        index (re-ranked exactly), or on CUDA the GPU exact scan; on the CPU an ``exact`` index
+        is this class's own blocked scan. ``kind`` other than ``auto`` requires that kind."""
+        from .vector_index import open_index
+
+        folder = self.catalog.ws.layer_dir(self.layer) / "search"
+        how = (f"python -m data_index index --workspace {self.catalog.ws.root} --layer "
+               f"{self.layer} --index {kind}")
+        if not (folder / "index.json").is_file():
+            if kind != "auto":
+                raise ExplorerError(f"Layer '{self.layer}' has no {kind} index; build it: {how}")
+            return  # a catalog built before indexes were recorded: exact
+        built = self.catalog.meta.get(f"index:{self.layer}", "exact")
+        if kind != "auto" and built != kind:
+            raise ExplorerError(f"Layer '{self.layer}' has a{'n' if built[0] in 'aei' else ''} "
+                                f"{built} index, not {kind}; build it: {how}")
+        if built == "exact" and not device.startswith("cuda"):
+            return
+        self.vindex = open_index(folder, self.store, device=device)
+        self.kind = built
 
     @property
     def ntotal(self) -> int:
@@ -248,6 +283,8 @@ class CropSearch:
             return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
         with self._lock:
             excluded = self._excluded(exclude_class)
+        if self.vindex is not None:  # exact scores; exactly m allowed crops
+            return self.vindex.search(q, m, exclude_ids=excluded)
         if self.kind == "flat":
             return _exact_topk(self.store, q, m, excluded)
         faiss = _faiss()

@@ -104,7 +104,8 @@ class ExplainContext:
         if self._search is None:
             from data_index.search import CropSearch
 
-            self._search = CropSearch(self.catalog, layer=self.layer)
+            self._search = CropSearch(self.catalog, layer=self.layer,
+                                      device=str(getattr(self.lm, "device", "cpu")))
         return self._search
 
     @property
@@ -121,7 +122,11 @@ class ExplainContext:
 
     def base_params(self) -> dict[str, Any]:
         """Parameters every cached result of this context is keyed on (the layer included)."""
-        return {"model": self.lm.spec, "layer": self.layer, "catalog": self.identity}
+        params = {"model": self.lm.spec, "layer": self.layer, "catalog": self.identity}
+        index = self.catalog.index_id(self.layer)
+        if index != "exact":  # an approximate index may return other crops: its own keys
+            params["search_index"] = index
+        return params
 
 
 _CONTEXTS: dict[tuple[str, str, str], ExplainContext] = {}

@@ -63,7 +63,8 @@ def _status(ws) -> None:
     st.dataframe([{"layer": name, "channels": s["dims"][name],
                    "default": name == s["layer"],
                    "non-negative": cat.nonnegative(name),
-                   "search": s["index"][name],
+                   "search index": s["index"][name],
+                   "recall@8": s["recall_at_8"][name],
                    "MiB": round(s["store_bytes"][name] / 2**20, 2)} for name in s["layers"]],
                  hide_index=True, key="home_layers")
     with errors.guard("reading what is precomputed"):

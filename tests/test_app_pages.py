@@ -457,6 +457,8 @@ def test_home_shows_the_layers_and_the_grid(multi_ws):
     assert list(table["channels"]) == [96, 192, 192]
     assert list(table["default"]) == [False, False, True]
     assert list(table["non-negative"]) == [True, False, True]
+    assert list(table["search index"]) == ["exact"] * 3  # issue 9: the index and its recall
+    assert list(table["recall@8"]) == [1.0] * 3
     assert any("3x3 crops of 32 px, stride 32, on 96 px images" in m.value and "float16" in
                m.value for m in at.markdown)
 
