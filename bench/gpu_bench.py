@@ -18,6 +18,7 @@ two pipelines agree within cosine 0.99 (matched one to one).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -198,6 +199,11 @@ def main() -> None:
         r, o, d = t["reference"][stage], t["ours"][stage], t["ours_default"][stage]
         print(f"| {stage} | {r:.3f} | {o:.3f} | {r / max(o, 1e-9):.1f}x | {d:.3f} | "
               f"{r / max(d, 1e-9):.1f}x |")
+    e2e = t["reference"]["end_to_end"]
+    print(json.dumps({"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+                      "images": n_img, "bank": n_bank, "seconds": t,
+                      "ratio_same_method": e2e / max(t["ours"]["end_to_end"], 1e-9),
+                      "ratio_default": e2e / max(t["ours_default"]["end_to_end"], 1e-9)}))
     print(f"(reference attribution measured on {n_ref} images, scaled to {n_img}); "
           f"NMF rel. error sklearn {e_ref:.4f}, torch {e_our:.4f} "
           f"({100 * (e_our / e_ref - 1):+.2f} %)")
