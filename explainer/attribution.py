@@ -31,6 +31,7 @@ from torch import nn
 from explorer_core.errors import ExplorerError
 from explorer_core.hooks import AttributionModel, forward_hooks, prepare_for_attribution
 from explorer_core.models import LoadedModel, capture_layer
+from explorer_core.progress import Meter, ProgressFn
 
 __all__ = [
     "COMPLETENESS_TOLERANCE",
@@ -128,20 +129,20 @@ def check_variant(variant: str) -> None:
 @overload
 def attribute(lm: LoadedModel, pixels: torch.Tensor, layer: str,
               targets: Sequence[int] | torch.Tensor, method: str = ..., *, batch_size: int = ...,
-              progress: Callable[[int, int], None] | None = ...,
+              progress: ProgressFn | None = ...,
               return_delta: Literal[False] = ...) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @overload
 def attribute(lm: LoadedModel, pixels: torch.Tensor, layer: str,
               targets: Sequence[int] | torch.Tensor, method: str = ..., *, batch_size: int = ...,
-              progress: Callable[[int, int], None] | None = ...,
+              progress: ProgressFn | None = ...,
               return_delta: Literal[True]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
 
 def attribute(lm: LoadedModel, pixels: torch.Tensor, layer: str,
               targets: Sequence[int] | torch.Tensor, method: str = "deeplift", *,
-              batch_size: int = 32, progress: Callable[[int, int], None] | None = None,
+              batch_size: int = 32, progress: ProgressFn | None = None,
               return_delta: bool = False
               ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Activations of ``layer`` and their attribution towards logit ``targets[i]`` (for a
@@ -157,7 +158,8 @@ def attribute(lm: LoadedModel, pixels: torch.Tensor, layer: str,
     method : ``deeplift`` | ``grad_x_act`` | ``deeplift_smoothgrad``
         captum ``LayerDeepLift`` (baseline: white image), ``LayerGradientXActivation``, or
         ``NoiseTunnel`` smoothgrad (20 samples, stdev 0.25) over ``LayerDeepLift``.
-    progress : callable(done, total), optional
+    progress : ProgressFn, optional
+        Reports stage ``attribution`` in ``images`` (with rate and ETA) after every batch.
 
     Returns
     -------
@@ -181,6 +183,7 @@ def attribute(lm: LoadedModel, pixels: torch.Tensor, layer: str,
     if method == "deeplift_smoothgrad":
         batch_size = max(2, batch_size // 4)  # 20 noisy copies each
     acts_out, attr_out, delta_out = [], [], []
+    meter = Meter(progress, "attribution", n, "images")
     for start in range(0, n, batch_size):
         x = lm.normalize(pixels[start:start + batch_size].to(lm.device, torch.float32))
         x.requires_grad_(True)  # DeepLift hooks tensors upstream of the layer too
@@ -231,8 +234,7 @@ def attribute(lm: LoadedModel, pixels: torch.Tensor, layer: str,
             attr = attr[0]
         acts_out.append(acts.float().cpu().clone())
         attr_out.append(attr.detach().float().cpu())
-        if progress is not None:
-            progress(min(start + b, n), n)
+        meter.update(min(start + b, n))
     if not acts_out:
         raise ExplorerError("No images to attribute")
     result = (torch.cat(acts_out), torch.cat(attr_out))
@@ -346,7 +348,7 @@ def deeplift_completeness(lm: LoadedModel, pixels: torch.Tensor, layer: str,
 
 def attribute_checked(lm: LoadedModel, pixels: torch.Tensor, layer: str,
                       targets: Sequence[int] | torch.Tensor, method: str = "deeplift", *,
-                      batch_size: int = 32, progress: Callable[[int, int], None] | None = None
+                      batch_size: int = 32, progress: ProgressFn | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
                                  torch.Tensor | None]:
     """:func:`attribute` plus DeepLift's completeness on the same images

@@ -25,7 +25,7 @@ from explorer_core import cache as _cache
 from explorer_core.errors import ExplorerError
 from explorer_core.files import read_npz
 from explorer_core.models import LoadedModel
-from explorer_core.progress import Meter, ProgressFn, report
+from explorer_core.progress import Meter, Progress, ProgressFn, report
 from explorer_core.results import Concept, Explanation, read_explanation, save_explanation
 
 from .attribution import (
@@ -260,8 +260,8 @@ def attribute_classes(ctx: ExplainContext, classes: Sequence[int], *, method: st
         for start in range(0, len(ids), chunk):
             pix = ctx.catalog.image_pixels(ids[start:start + chunk], ctx.lm)
 
-            def prog(done: int, total: int, start: int = start) -> None:
-                meter.update(start + done)
+            def prog(p: Progress, start: int = start) -> None:
+                meter.update(start + int(p.done))
 
             acts, attr, delta, gap = attribute_checked(
                 ctx.lm, pix, ctx.layer, targets[start:start + chunk], method,

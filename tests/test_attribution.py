@@ -320,3 +320,19 @@ def test_layers_inside_a_residual_block_are_not_cuts_and_relu_aliases_the_block_
     acts, _ = attribute(lm, x, "layer4.1.relu", [1, 2, 3], "deeplift")
     _, seen = lm.logits_and_activations(x, "layer4.1.relu")
     assert torch.allclose(acts, seen, atol=1e-5)
+
+
+def test_attribute_reports_the_one_progress_type_per_batch():
+    from explainer.attribution import attribute
+    from explorer_core.models import LoadedModel
+    from explorer_core.progress import Progress
+
+    lm = LoadedModel("resnet18", _resnet("resnet18"), torch.device("cpu"), 64, 64,
+                     (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), [str(i) for i in range(10)])
+    x = torch.rand(5, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    seen: list[Progress] = []
+    attribute(lm, x, "layer4.1", [0, 1, 2, 3, 4], "grad_x_act", batch_size=2,
+              progress=seen.append)
+    assert seen and all(isinstance(p, Progress) for p in seen)
+    assert {p.stage for p in seen} == {"attribution"} and {p.unit for p in seen} == {"images"}
+    assert seen[-1].done == seen[-1].total == 5
