@@ -24,6 +24,7 @@ import platform
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -257,30 +258,54 @@ def train(
         print(f"generated {len(labels)} training images in {time.time() - t0:.1f}s", flush=True)
 
     model = build_demo_model()
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step_loss(idx: np.ndarray) -> torch.Tensor:
+        full = _flip(images[idx], rng)
+        cidx = rng.integers(0, len(labels), 2 * batch)
+        crops, clab = crop_batch(images, labels, cidx, rng)
+        cols, col_lab = column_batch(
+            images, labels, by_class, batch, int(rng.integers(2, 5)), rng
+        )
+        return (
+            loss_fn(model(to_tensor(full)), torch.from_numpy(labels[idx]))
+            + loss_fn(model(to_tensor(_flip(crops, rng))), torch.from_numpy(clab))
+            + loss_fn(model(to_tensor(_flip(cols, rng))), torch.from_numpy(col_lab))
+        )
+
+    info = fit(model, step_loss, len(labels), batch, epochs, lr, rng, t0, log, ".3f")
+    return model, info
+
+
+def fit(
+    model: nn.Module,
+    step_loss: Callable[[np.ndarray], torch.Tensor],
+    n_items: int,
+    batch: int,
+    epochs: int,
+    lr: float,
+    rng: np.random.Generator,
+    t0: float,
+    log: bool,
+    loss_format: str = ".3f",
+) -> dict:
+    """The demo networks' training loop (classifier and segmentation net): AdamW + one-cycle
+    learning rate, each epoch a seeded permutation of the ``n_items`` training images cut into
+    batches of ``batch``; ``step_loss(idx)`` returns one step's loss for those images. Leaves
+    ``model`` in eval mode; returns ``train_seconds``, ``n_train_images``, ``steps``,
+    ``final_loss``."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
-    steps_per_epoch = len(labels) // batch
+    steps_per_epoch = n_items // batch
     total = epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.15)
-    loss_fn = nn.CrossEntropyLoss()
     step = 0
     loss_val = float("nan")
     for ep in range(epochs):
         model.train()
-        order = rng.permutation(len(labels))
+        order = rng.permutation(n_items)
         run = 0.0
         for s in range(steps_per_epoch):
-            idx = order[s * batch : (s + 1) * batch]
-            full = _flip(images[idx], rng)
-            cidx = rng.integers(0, len(labels), 2 * batch)
-            crops, clab = crop_batch(images, labels, cidx, rng)
-            cols, col_lab = column_batch(
-                images, labels, by_class, batch, int(rng.integers(2, 5)), rng
-            )
-            loss = (
-                loss_fn(model(to_tensor(full)), torch.from_numpy(labels[idx]))
-                + loss_fn(model(to_tensor(_flip(crops, rng))), torch.from_numpy(clab))
-                + loss_fn(model(to_tensor(_flip(cols, rng))), torch.from_numpy(col_lab))
-            )
+            loss = step_loss(order[s * batch : (s + 1) * batch])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -290,16 +315,26 @@ def train(
         loss_val = run / steps_per_epoch
         if log:
             print(
-                f"epoch {ep + 1}/{epochs} loss {loss_val:.3f} ({time.time() - t0:.0f}s)", flush=True
+                f"epoch {ep + 1}/{epochs} loss {loss_val:{loss_format}} "
+                f"({time.time() - t0:.0f}s)",
+                flush=True,
             )
     model.eval()
-    return model, {
+    return {
         "train_seconds": round(time.time() - t0, 1),
-        "n_train_images": int(len(labels)),
+        "n_train_images": int(n_items),
         "steps": step,
         "final_loss": round(loss_val, 4),
     }
 
+
+def float32_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict as contiguous float32 copies (integer buffers copied as they
+    are): what the committed weights files hold."""
+    return {
+        k: v.detach().to(torch.float32).contiguous().clone() if v.is_floating_point() else v.clone()
+        for k, v in model.state_dict().items()
+    }
 
 def main(argv: list[str] | None = None) -> int:
     """Command line entry: train, evaluate, write weights and ``RECORD.json``."""
@@ -325,10 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(figures, indent=2))
 
     args.out.mkdir(parents=True, exist_ok=True)
-    state = {
-        k: v.detach().to(torch.float32).contiguous().clone() if v.is_floating_point() else v.clone()
-        for k, v in model.state_dict().items()
-    }
+    state = float32_state(model)
     weights = args.out / "demo_cnn.pt"
     torch.save(state, weights)
     record = {

@@ -50,6 +50,8 @@ from demo_world.train import (
     N_HELDOUT_PER_CLASS,
     N_PROBE_PER_CLASS,
     N_TRAIN_PER_CLASS,
+    fit,
+    float32_state,
     to_tensor,
 )
 from demo_world.train import _crop_offsets as crop_offsets
@@ -342,46 +344,20 @@ def train(
     assert model.head.bias is not None
     with torch.no_grad():
         model.head.bias.copy_(torch.from_numpy(np.log(np.maximum(prior, 1e-4))).float())
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
-    steps_per_epoch = len(labels) // batch
-    total = epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.15)
     loss_fn = nn.CrossEntropyLoss()
-    step = 0
-    loss_val = float("nan")
-    for ep in range(epochs):
-        model.train()
-        order = rng.permutation(len(labels))
-        run = 0.0
-        for s in range(steps_per_epoch):
-            idx = order[s * batch : (s + 1) * batch]
-            full, tfull = _flip(images[idx], targets[idx], rng)
-            cols, tcols = column_batch(
-                images, targets, by_class, batch, int(rng.integers(1, 5)), rng
-            )
-            cols, tcols = _flip(cols, tcols, rng)
-            loss = loss_fn(model(to_tensor(full)), torch.from_numpy(tfull)) + loss_fn(
-                model(to_tensor(cols)), torch.from_numpy(tcols)
-            )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            run += float(loss.detach())
-        loss_val = run / steps_per_epoch
-        if log:
-            print(
-                f"epoch {ep + 1}/{epochs} loss {loss_val:.4f} ({time.time() - t0:.0f}s)", flush=True
-            )
-    model.eval()
-    return model, {
-        "train_seconds": round(time.time() - t0, 1),
-        "n_train_images": int(len(labels)),
-        "steps": step,
-        "final_loss": round(loss_val, 4),
-    }
 
+    def step_loss(idx: np.ndarray) -> torch.Tensor:
+        full, tfull = _flip(images[idx], targets[idx], rng)
+        cols, tcols = column_batch(
+            images, targets, by_class, batch, int(rng.integers(1, 5)), rng
+        )
+        cols, tcols = _flip(cols, tcols, rng)
+        return loss_fn(model(to_tensor(full)), torch.from_numpy(tfull)) + loss_fn(
+            model(to_tensor(cols)), torch.from_numpy(tcols)
+        )
+
+    info = fit(model, step_loss, len(labels), batch, epochs, lr, rng, t0, log, ".4f")
+    return model, info
 
 def main(argv: list[str] | None = None) -> int:
     """Command line entry: train, evaluate, write weights and ``RECORD_seg.json``."""
@@ -408,10 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(figures, indent=2))
 
     args.out.mkdir(parents=True, exist_ok=True)
-    state = {
-        k: v.detach().to(torch.float32).contiguous().clone() if v.is_floating_point() else v.clone()
-        for k, v in model.state_dict().items()
-    }
+    state = float32_state(model)
     weights = args.out / SEG_WEIGHTS_PATH.name
     torch.save(state, weights)
     record = {
