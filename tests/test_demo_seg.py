@@ -26,7 +26,7 @@ classifier's (``demo_world.groundtruth``). Measured (seed 0, CPU):
   predicted as the class 0.23-0.50, the largest of the object classes); towards random
   directions 1/10. 26 s for the 40 images (0.65 s a concept), 63 s for the random controls.
 
-Runtime on two shared CPU cores: the workspace build ~25 s, attributing the 10 classes ~2.5 min
+Runtime on two shared CPU cores: the workspace build 25-45 s, attributing the 10 classes 2.5-4 min
 (cached on disk in the workspace: ``DEMO_SEG_WORKSPACE_HOME`` keeps it between sessions).
 """
 
