@@ -67,7 +67,8 @@ def class_list(text: str) -> list[str]:
 
 
 def workspace_arg(text: str) -> str:
-    """A workspace name or folder that can be resolved (kept as given: ``demo`` is special)."""
+    """A workspace name or folder that can be resolved (kept as given: the embedded ``demo`` and
+    ``demo-seg`` are special)."""
     try:
         resolve_workspace(text)
     except ExplorerError as exc:

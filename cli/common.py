@@ -1,5 +1,6 @@
-"""What both command lines share: opening a workspace by name or path, the ``demo`` workspace
-included (it builds itself on first use, with a progress bar on stderr)."""
+"""What both command lines share: opening a workspace by name or path, the embedded ``demo`` and
+``demo-seg`` workspaces included (they build themselves on first use, with a progress bar on
+stderr)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import sys
 from typing import Any
 
 from data_index.workspace import Workspace, resolve_workspace
-from demo_world.workspace import DEMO_NAME, ensure_demo_workspace
+from demo_world.workspace import ensure_embedded_workspace, is_embedded
 from explorer_core.progress import Progress
 
 
@@ -53,9 +54,10 @@ class ProgressBar:
 
 
 def open_workspace(name_or_path: str, *, quiet: bool = False) -> Workspace:
-    """The workspace ``name_or_path``; ``demo`` is generated and its catalog built when missing."""
-    if str(name_or_path) == DEMO_NAME and not (resolve_workspace(DEMO_NAME)
-                                               / "workspace.toml").is_file():
-        with ProgressBar("building the demo workspace", quiet) as bar:
-            return ensure_demo_workspace(resolve_workspace(DEMO_NAME).parent, progress=bar)
+    """The workspace ``name_or_path``; an embedded one (``demo``, ``demo-seg``) is generated and
+    its catalog built when missing."""
+    name = str(name_or_path)
+    if is_embedded(name) and not (resolve_workspace(name) / "workspace.toml").is_file():
+        with ProgressBar(f"building the {name} workspace", quiet) as bar:
+            return ensure_embedded_workspace(name, resolve_workspace(name).parent, progress=bar)
     return Workspace.open(name_or_path)

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 
+from demo_world.workspace import is_embedded
 from explorer_core.errors import ExplorerError
 from explorer_core.trust import user_code_allowed
 
@@ -71,7 +72,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     if args.shards is not None and args.ray is not None:
         raise ExplorerError("--ray schedules every chunk itself; leave out --shards/--shard")
     root = resolve_workspace(args.workspace)
-    exists = (root / "workspace.toml").is_file() or args.workspace == "demo"
+    exists = (root / "workspace.toml").is_file() or is_embedded(args.workspace)
     if exists and not any(getattr(args, n) for n in _NEW_SETTINGS):
         ws = open_workspace(args.workspace, quiet=args.quiet)
         if args.mode and args.mode != ws.mode:

@@ -112,16 +112,18 @@ with errors.guard("running the shifting test"):
     xs = [f"{t:g}" for t in shift.offsets]
     fig = go.Figure()
     fig.add_trace(go.Scatter(x=xs, y=shift.mean_prob_a, mode="lines+markers",
-                             name=f"P({names[a]}) (A)"))
+                             name=f"{widgets.score_label(lm, names[a])} (A)"))
     fig.add_trace(go.Scatter(x=xs, y=shift.mean_prob_b, mode="lines+markers",
-                             name=f"P({names[b]}) (B)"))
+                             name=f"{widgets.score_label(lm, names[b])} (B)"))
     fig.update_xaxes(type="category")  # numeric-looking strings would get a linear axis
     fig.update_layout(xaxis_title="offset t (categorical)", yaxis_title=f"mean {shift.score}",
                       yaxis_range=[0, 1], height=340, margin=dict(l=10, r=10, t=30, b=10))
     st.plotly_chart(fig, key="co_shift_chart")
     m = st.columns(3)
-    m[0].metric("P(A) at t=0", f"{shift.default_prob_a:.3f}")
-    m[1].metric("max P(A)", f"{shift.max_prob_a:.3f}")
+    sa = widgets.score_short(lm, "A")
+    m[0].metric(f"{sa} at t=0", f"{shift.default_prob_a:.3f}",
+                help=f"mean {widgets.score_label(lm, names[a])} over the images of B")
+    m[1].metric(f"max {sa}", f"{shift.max_prob_a:.3f}")
     m[2].metric("best offset", f"{shift.best_offset:g}")
 
     t = st.select_slider("Offset t", options=list(shift.offsets), key="co_offset",
@@ -134,13 +136,15 @@ with errors.guard("running the shifting test"):
 
         per_image = resources.results_store().put(sp_key, shifted_probabilities(
             lm, layer, cat.image_pixels(sample, lm), clf.weight, float(t)))
-    st.caption(f"The first {len(sample)} images of {names[b]} at offset t = {t:g}: P(A), P(B) "
-               "and the class the model now predicts.")
+    st.caption(f"The first {len(sample)} images of {names[b]} at offset t = {t:g}: "
+               f"{widgets.score_label(lm, 'A')}, {widgets.score_label(lm, 'B')} and the class "
+               "the model now predicts.")
     cols = st.columns(max(1, len(sample)))
     for col, image_id, p in zip(cols, sample, per_image):
         pa, pb = float(p[a]), float(p[b])
         pred = int(lm.predicted_classes(p[None])[1][0])  # a segmenter: never "background"
         col.image(pictures.upscale(pictures.image_pic(ws, image_id), 128), width="stretch",
                   caption=f"image {image_id}")
-        col.markdown(f"P(A) **{pa:.2f}**  \nP(B) {pb:.2f}  \n"
+        col.markdown(f"{widgets.score_short(lm, 'A')} **{pa:.2f}**  \n"
+                     f"{widgets.score_short(lm, 'B')} {pb:.2f}  \n"
                      f"predicted **{widgets.class_name(lm, pred)}**")

@@ -1,4 +1,5 @@
-"""Workspace page: open a workspace (``demo`` by default, created on first start) or create one
+"""Workspace page: open a workspace (``demo`` by default, created on first start; ``demo-seg``,
+the same world with a segmentation model, likewise on first opening) or create one
 (model, layers, crop grid, storage); build or resume its catalog with a progress bar; show its
 status (counts, layers with their dimensions, the crop grid)."""
 
@@ -114,8 +115,8 @@ def _precomputed(ws) -> None:
 def _show(name: str) -> None:
     from data_index.workspace import workspace_from_url
 
-    if name == resources.DEFAULT_WORKSPACE and not resources.demo_ready():
-        resources.ensure_demo()
+    if resources.is_embedded(name) and not resources.demo_ready(name):
+        resources.ensure_demo(name=name)
     ws = workspace_from_url(name)  # a name from the URL: never a folder path
     if not trust.confirm(ws.model, "home_trust"):
         return  # its model runs a user's file: nothing is built or loaded before the OK

@@ -19,6 +19,8 @@ st.title("Test bench")
 ws, cat, lm = resources.context()
 counts = resources.class_counts(ws)
 names = lm.class_names
+# what the tests read: a classifier's softmax P(A), a segmenter's share of pixels predicted as A
+score = widgets.score_label
 
 
 def _concept_crop_choices() -> dict[int, str]:
@@ -74,8 +76,10 @@ with tab_stitch:
 
             pt = prediction_test(lm, cat, ids, int(target), exclude_target=False)
             views.prediction_mark(pt, lm, explanation=False)
-            probs_row = {"predicted": names[pt.predicted], "P(predicted)": pt.prob_predicted,
-                         f"P({names[target]})": pt.prob_target}
+            probs_row = {"predicted": names[pt.predicted],
+                         score(lm, "predicted" if not widgets.is_segmentation(lm)
+                               else f"{names[pt.predicted]} (predicted)"): pt.prob_predicted,
+                         score(lm, names[target]): pt.prob_target}
             st.dataframe([probs_row], hide_index=True)
 
 # ---- patch insertion ------------------------------------------------------------------------
@@ -155,9 +159,10 @@ with tab_patch:
                 res = patch_insertion(lm, cat.image_pixels(ids_b, lm), patch, int(a), int(b),
                                       position=position, control=control, image_ids=ids_b)
             m = st.columns(3)
-            m[0].metric(f"mean ΔP({names[a]}) patch", f"{res.mean_delta_a:+.3f}")
-            m[1].metric(f"mean ΔP({names[a]}) control", f"{res.mean_control_delta_a:+.3f}")
-            m[2].metric(f"mean ΔP({names[b]}) patch", f"{res.mean_delta_b:+.3f}")
+            delta = widgets.delta_label
+            m[0].metric(f"mean {delta(lm, names[a])} patch", f"{res.mean_delta_a:+.3f}")
+            m[1].metric(f"mean {delta(lm, names[a])} control", f"{res.mean_control_delta_a:+.3f}")
+            m[2].metric(f"mean {delta(lm, names[b])} patch", f"{res.mean_delta_b:+.3f}")
             import plotly.graph_objects as go
 
             fig = go.Figure()
@@ -165,25 +170,28 @@ with tab_patch:
                                   ("after patch", res.prob_a_after, res.prob_b_after),
                                   (f"control ({control})", res.prob_a_control,
                                    res.prob_b_control)):
-                fig.add_trace(go.Bar(name=label, x=[f"P(A) {names[a]}", f"P(B) {names[b]}"],
+                fig.add_trace(go.Bar(name=label, x=[f"{score(lm, 'A')} {names[a]}",
+                                                    f"{score(lm, 'B')} {names[b]}"],
                                      y=[float(np.mean(va)), float(np.mean(vb))]))
             fig.update_layout(barmode="group", yaxis_range=[0, 1], height=300,
                               title="Mean predictions", margin=dict(l=10, r=10, t=40, b=10))
             st.plotly_chart(fig, key="tb_bars")
             fig2 = go.Figure(go.Bar(x=[str(i) for i in res.image_ids],
                                     y=res.prob_a_after - res.prob_a_before,
-                                    name="ΔP(A) patch"))
+                                    name=f"{delta(lm, 'A')} patch"))
             fig2.add_trace(go.Bar(x=[str(i) for i in res.image_ids],
                                   y=res.prob_a_control - res.prob_a_before,
-                                  name="ΔP(A) control"))
-            fig2.update_layout(barmode="group", height=280, title="Per image ΔP(A)",
+                                  name=f"{delta(lm, 'A')} control"))
+            fig2.update_layout(barmode="group", height=280,
+                               title=f"Per image {delta(lm, 'A')}",
                                xaxis_title="image id", margin=dict(l=10, r=10, t=40, b=10))
             st.plotly_chart(fig2, key="tb_bars_img")
-            st.dataframe([{"image": i, "P(A) before": float(res.prob_a_before[j]),
-                           "P(A) after": float(res.prob_a_after[j]),
-                           "P(A) control": float(res.prob_a_control[j]),
-                           "P(B) before": float(res.prob_b_before[j]),
-                           "P(B) after": float(res.prob_b_after[j]),
-                           "P(B) control": float(res.prob_b_control[j])}
+            sa, sb = score(lm, "A"), score(lm, "B")
+            st.dataframe([{"image": i, f"{sa} before": float(res.prob_a_before[j]),
+                           f"{sa} after": float(res.prob_a_after[j]),
+                           f"{sa} control": float(res.prob_a_control[j]),
+                           f"{sb} before": float(res.prob_b_before[j]),
+                           f"{sb} after": float(res.prob_b_after[j]),
+                           f"{sb} control": float(res.prob_b_control[j])}
                           for j, i in enumerate(res.image_ids)], hide_index=True,
                          key="tb_table")

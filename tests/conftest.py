@@ -97,6 +97,20 @@ def demo_workspace(tmp_path_factory):
     return ensure_demo_workspace(home=home, device="cpu")
 
 
+@pytest.fixture(scope="session")
+def demo_seg_workspace(tmp_path_factory):
+    """The ``demo-seg`` workspace (the same 1200 gallery images with masks, 10800 crops, the
+    ``demo-seg`` UNet at ``layer4.relu_out``; its catalog holds pixel shares), built once per
+    session with ``ensure_demo_seg_workspace(home=..., device="cpu")``.
+    ``DEMO_SEG_WORKSPACE_HOME=/some/folder`` keeps the build and its on-disk result cache
+    between sessions (the workspace is ``<home>/demo-seg``)."""
+    from demo_world.workspace import ensure_demo_seg_workspace
+
+    keep = os.environ.get("DEMO_SEG_WORKSPACE_HOME")
+    home = Path(keep) if keep else tmp_path_factory.mktemp("demo_seg_home")
+    return ensure_demo_seg_workspace(home=home, device="cpu")
+
+
 def copy_demo_images(demo_workspace, dest: Path, per_class: int) -> Path:
     """The first ``per_class`` gallery images of every demo class, copied to ``dest`` with their
     labels.csv (a small labelled image folder of the demo world)."""

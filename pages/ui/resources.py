@@ -131,29 +131,41 @@ def computed(key: tuple, compute: Callable[[], Any]) -> Any:
 
 
 def workspace_names() -> list[str]:
+    """The workspaces under the home, the embedded ones (``demo``, ``demo-seg``) first even
+    before they are built (opening one builds it)."""
+    from demo_world.workspace import EMBEDDED_WORKSPACES
+
     names = [w.name for w in list_workspaces()]
-    if DEFAULT_WORKSPACE not in names:
-        names.insert(0, DEFAULT_WORKSPACE)
-    return names
+    embedded = list(EMBEDDED_WORKSPACES)
+    return embedded + [n for n in names if n not in embedded]
 
 
-def ensure_demo(container: Any = None) -> Workspace:
-    """Open the demo workspace, creating it (world + catalog) with a visible progress bar."""
-    from demo_world.workspace import ensure_demo_workspace
+def is_embedded(name: str) -> bool:
+    """Whether ``name`` is an embedded workspace (``demo``, ``demo-seg``)."""
+    from demo_world.workspace import is_embedded as embedded
+
+    return embedded(name)
+
+
+def ensure_demo(container: Any = None, name: str = DEFAULT_WORKSPACE) -> Workspace:
+    """Open the embedded workspace ``name`` (``demo`` or ``demo-seg``), creating it (world +
+    catalog) with a visible progress bar."""
+    from demo_world.workspace import ensure_embedded_workspace
 
     box = container or st.container()
     with box:
-        note = st.info("Preparing the demo workspace (synthetic world + catalog); the first "
+        note = st.info(f"Preparing the {name} workspace (synthetic world + catalog); the first "
                        "time takes a minute or two. Leaving the page is safe: the build resumes.")
-        prog = ProgressBar("Building the demo workspace")
-        ws = ensure_demo_workspace(progress=prog)
+        prog = ProgressBar(f"Building the {name} workspace")
+        ws = ensure_embedded_workspace(name, progress=prog)
         prog.done()
         note.empty()
     return ws
 
 
-def demo_ready() -> bool:
-    root = workspaces_home() / DEFAULT_WORKSPACE
+def demo_ready(name: str = DEFAULT_WORKSPACE) -> bool:
+    """Whether the embedded workspace ``name`` exists with a complete, current catalog."""
+    root = workspaces_home() / name
     if not (root / "workspace.toml").is_file():
         return False
     try:
@@ -164,12 +176,12 @@ def demo_ready() -> bool:
 
 
 def current_workspace(build_demo: bool = True) -> Workspace:
-    """The workspace named in the URL (``ws``, default ``demo``), opened; the demo is created on
-    first use. A URL names workspaces under the workspace home only, never a path. Raises
-    ExplorerError for an unknown or refused name."""
+    """The workspace named in the URL (``ws``, default ``demo``), opened; an embedded one
+    (``demo``, ``demo-seg``) is created on first use. A URL names workspaces under the workspace
+    home only, never a path. Raises ExplorerError for an unknown or refused name."""
     name = qp("ws", DEFAULT_WORKSPACE) or DEFAULT_WORKSPACE
-    if name == DEFAULT_WORKSPACE and build_demo and not demo_ready():
-        ws = ensure_demo()
+    if is_embedded(name) and build_demo and not demo_ready(name):
+        ws = ensure_demo(name=name)
         set_qp(ws=name)
         return ws
     ws = workspace_from_url(name)

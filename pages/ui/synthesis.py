@@ -76,7 +76,7 @@ def synthesis_panel(ws: Any, lm: Any, explanation: Any, prefix: str) -> None:
     with guard("testing the synthesised concepts"):
         pt = synthesis_prediction_test(lm, syns, explanation.class_a)
         a = class_name(lm, pt.target)
-        measure = f"P({a})" if pt.score == "softmax" else f"share of pixels predicted {a}"
+        measure = f"P({a})" if pt.score == "softmax" else f"share of pixels predicted as {a}"
         verdict = (f"The stitched synthesised images are classified as **{class_name(lm, pt.predicted)}**"
                    f" ({measure} = {pt.prob_target:.3f}).")
         (st.success if pt.passed else st.error)(

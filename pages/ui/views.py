@@ -31,16 +31,21 @@ def prediction_mark(pt: Any, lm: Any, *, container: Any = None, explanation: boo
     pred = class_name(lm, pt.predicted)
     what = "the stitched top crops" if explanation else "the stitched crops"
     # a segmentation model's score is the share of the stitched pixels predicted as the class
-    P = "P" if getattr(pt, "score", "softmax") == "softmax" else "pixel share"
+    seg = getattr(pt, "score", "softmax") != "softmax"
+
+    def score(c: str) -> str:
+        return f"share of pixels predicted as {c}" if seg else f"P({c})"
+
     c1, c2 = box.columns([1, 4])
     c1.image(upscale(pt.stitched, 64),
              caption="stitched top-1 crops" if explanation else "stitched crops", width=72)
     if pt.passed:
         c2.success(f"PASS — {what} are classified as **{a}** "
-                   f"({P}({a}) = {pt.prob_target:.3f}).", icon=":material/check_circle:")
+                   f"({score(a)} = {pt.prob_target:.3f}).", icon=":material/check_circle:")
     else:
         c2.error(f"FAIL — {what} are classified as **{pred}** "
-                 f"({P} = {pt.prob_predicted:.3f}), {P}({a}) = {pt.prob_target:.3f}."
+                 f"({score(pred)} = {pt.prob_predicted:.3f}), {score(a)} = "
+                 f"{pt.prob_target:.3f}."
                  + (" This explanation is not to be trusted." if explanation else ""),
                  icon=":material/cancel:")
     c2.caption(f"Prediction test (paper §4.3): crops {', '.join(map(str, pt.crop_ids))}"

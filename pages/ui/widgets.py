@@ -49,6 +49,28 @@ def class_name(lm: Any, c: int) -> str:
     return lm.class_names[c] if 0 <= c < len(lm.class_names) else f"class {c}"
 
 
+def is_segmentation(lm: Any) -> bool:
+    """Whether the model predicts per pixel: its tests read pixel shares, not probabilities."""
+    return getattr(lm, "task", "classification") == "segmentation"
+
+
+def score_label(lm: Any, cls: str) -> str:
+    """How the pages name the model's score of class ``cls``: ``P(cls)`` for a classifier (its
+    softmax), ``share of pixels predicted as cls`` for a segmentation model."""
+    return f"share of pixels predicted as {cls}" if is_segmentation(lm) else f"P({cls})"
+
+
+def delta_label(lm: Any, cls: str) -> str:
+    """The change of :func:`score_label`: ``ΔP(cls)`` or ``Δ share of pixels predicted as cls``."""
+    return f"Δ {score_label(lm, cls)}" if is_segmentation(lm) else f"ΔP({cls})"
+
+
+def score_short(lm: Any, cls: str) -> str:
+    """A short :func:`score_label` for tight places (table columns, small metrics):
+    ``P(cls)`` or ``pixels {cls}`` (the share of pixels predicted as it)."""
+    return f"pixels {cls}" if is_segmentation(lm) else f"P({cls})"
+
+
 
 def method_settings(prefix: str, images_label: str, images_help: str | None = None
                     ) -> tuple[int, str, int, int]:
