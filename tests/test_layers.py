@@ -99,8 +99,9 @@ def test_cli_status_search_and_explain_at_a_layer(multilayer_workspace, cls, tmp
     r = _run("data_index", "status", "--workspace", w)
     assert r.returncode == 0, r.stderr
     line = next(ln for ln in r.stdout.splitlines() if ln.startswith("layers"))
-    assert re.search(r"layer3\.relu_out \(96 dims, [\d.]+ MiB, exact\), layer4\.bn2 \(192 dims"
-                     r".*layer4\.relu_out \(192 dims, [\d.]+ MiB, exact\) \[default\]", line)
+    assert re.search(r"layer3\.relu_out \(96 dims, [\d.]+ MiB, index exact, recall@8 1\.000\), "
+                     r"layer4\.bn2 \(192 dims.*layer4\.relu_out \(192 dims, [\d.]+ MiB, index exact, "
+                     r"recall@8 1\.000\) \[default\]", line)
     assert "3x3 crops of 32 px, stride 32, on 96 px images" in r.stdout
     assert re.search(r"^storage\s+float16$", r.stdout, re.M)
     r = _run("data_index", "search", "--workspace", w, "--crop-id", "40", "-m", "3",
