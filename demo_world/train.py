@@ -336,37 +336,55 @@ def float32_state(model: nn.Module) -> dict[str, torch.Tensor]:
         for k, v in model.state_dict().items()
     }
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line entry: train, evaluate, write weights and ``RECORD.json``."""
-    p = argparse.ArgumentParser(
-        prog="python -m demo_world.train", description=__doc__.split("\n\n")[0]
-    )
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=WEIGHTS_PATH.parent,
-        help="folder for demo_cnn.pt and RECORD.json",
-    )
+def training_args(prog: str, doc: str | None, out: Path, out_help: str, epochs: int,
+                  argv: list[str] | None) -> argparse.Namespace:
+    """The options every demo training script takes (``--out --seed --epochs --n-per-class
+    --threads``), parsed; torch's thread count set from ``--threads``."""
+    p = argparse.ArgumentParser(prog=prog, description=(doc or "").split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=out, help=out_help)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=epochs)
     p.add_argument("--n-per-class", type=int, default=N_TRAIN_PER_CLASS)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
-
     torch.set_num_threads(args.threads)
-    model, info = train(seed=args.seed, epochs=args.epochs, n_per_class=args.n_per_class)
-    t = time.time()
-    figures = evaluate(model, seed=args.seed)
-    print(json.dumps(figures, indent=2))
+    return args
 
+
+def write_weights_and_record(args: argparse.Namespace, model: nn.Module, weights_name: str,
+                             record_name: str, prog: str, argv: list[str] | None,
+                             fields: dict) -> None:
+    """Write the model's float32 weights and its RECORD (``fields`` between the run's settings
+    and the machine it ran on) into ``args.out``."""
     args.out.mkdir(parents=True, exist_ok=True)
-    state = float32_state(model)
-    weights = args.out / "demo_cnn.pt"
-    torch.save(state, weights)
+    weights = args.out / weights_name
+    torch.save(float32_state(model), weights)
     record = {
         "seed": args.seed,
         "epochs": args.epochs,
         "threads": args.threads,
+        **fields,
+        "device": "cpu",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cpus visible, {args.threads} torch threads used",
+        "torch_version": torch.__version__,
+        "numpy_version": np.__version__,
+        "weights_bytes": weights.stat().st_size,
+        "command": (f"python -m {prog} "
+                    + shlex.join(argv if argv is not None else sys.argv[1:])).strip(),
+    }
+    (args.out / record_name).write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {weights} and {args.out / record_name}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry: train, evaluate, write weights and ``RECORD.json``."""
+    args = training_args("python -m demo_world.train", __doc__, WEIGHTS_PATH.parent,
+                         "folder for demo_cnn.pt and RECORD.json", 10, argv)
+    model, info = train(seed=args.seed, epochs=args.epochs, n_per_class=args.n_per_class)
+    t = time.time()
+    figures = evaluate(model, seed=args.seed)
+    print(json.dumps(figures, indent=2))
+    write_weights_and_record(args, model, "demo_cnn.pt", "RECORD.json", "demo_world.train", argv, {
         **info,
         "n_heldout_images": N_HELDOUT_PER_CLASS * len(world.CLASSES),
         "heldout_split": {
@@ -382,16 +400,7 @@ def main(argv: list[str] | None = None) -> int:
             "grass_class": world.SHORTCUT_GRASS_CLASS,
             "lookalike_class": world.SHORTCUT_LOOKALIKE_CLASS,
         },
-        "device": "cpu",
-        "machine": f"{platform.machine()}, {os.cpu_count()} cpus visible, {args.threads} torch threads used",
-        "torch_version": torch.__version__,
-        "numpy_version": np.__version__,
-        "weights_bytes": weights.stat().st_size,
-        "command": "python -m demo_world.train "
-        + shlex.join(argv if argv is not None else sys.argv[1:]),
-    }
-    (args.out / "RECORD.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {weights} and {args.out / 'RECORD.json'}")
+    })
     return 0
 
 

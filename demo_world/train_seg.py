@@ -32,13 +32,8 @@ if __name__ == "__main__":
     # passive waiting (6.5 s vs 1.5 s, measured under a load of 8 on 2 cores).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse
 import json
-import platform
-import shlex
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -51,8 +46,9 @@ from demo_world.train import (
     N_PROBE_PER_CLASS,
     N_TRAIN_PER_CLASS,
     fit,
-    float32_state,
     to_tensor,
+    training_args,
+    write_weights_and_record,
 )
 from demo_world.train import _crop_offsets as crop_offsets
 from demo_world.train import _crops as gather_crops
@@ -361,36 +357,15 @@ def train(
 
 def main(argv: list[str] | None = None) -> int:
     """Command line entry: train, evaluate, write weights and ``RECORD_seg.json``."""
-    p = argparse.ArgumentParser(
-        prog="python -m demo_world.train_seg", description=__doc__.split("\n\n")[0]
-    )
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=SEG_WEIGHTS_PATH.parent,
-        help="folder for demo_segnet.pt and RECORD_seg.json",
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--n-per-class", type=int, default=N_TRAIN_PER_CLASS)
-    p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args(argv)
-
-    torch.set_num_threads(args.threads)
+    args = training_args("python -m demo_world.train_seg", __doc__, SEG_WEIGHTS_PATH.parent,
+                         "folder for demo_segnet.pt and RECORD_seg.json", 4, argv)
     model, info = train(seed=args.seed, epochs=args.epochs, n_per_class=args.n_per_class)
     t = time.time()
     figures = evaluate(model, seed=args.seed)
     check = evaluate(model, seed=args.seed, n_per_class=CHECK_PER_CLASS, quick=True)
     print(json.dumps(figures, indent=2))
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    state = float32_state(model)
-    weights = args.out / SEG_WEIGHTS_PATH.name
-    torch.save(state, weights)
-    record = {
-        "seed": args.seed,
-        "epochs": args.epochs,
-        "threads": args.threads,
+    write_weights_and_record(args, model, SEG_WEIGHTS_PATH.name, "RECORD_seg.json",
+                             "demo_world.train_seg", argv, {
         **info,
         "n_params": sum(int(v.numel()) for v in model.parameters()),
         "n_heldout_images": N_HELDOUT_PER_CLASS * len(world.CLASSES),
@@ -413,18 +388,7 @@ def main(argv: list[str] | None = None) -> int:
             "probability": world.SHORTCUT_PROB,
             "probe": f"{N_PROBE_PER_CLASS} images per class and background, split 'probe'",
         },
-        "device": "cpu",
-        "machine": f"{platform.machine()}, {os.cpu_count()} cpus visible, {args.threads} torch threads used",
-        "torch_version": torch.__version__,
-        "numpy_version": np.__version__,
-        "weights_bytes": weights.stat().st_size,
-        "command": (
-            "python -m demo_world.train_seg "
-            + shlex.join(argv if argv is not None else sys.argv[1:])
-        ).strip(),
-    }
-    (args.out / "RECORD_seg.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {weights} and {args.out / 'RECORD_seg.json'}")
+    })
     return 0
 
 
