@@ -1,0 +1,87 @@
+"""AppTest of the concept atlas (Explain page) and the simulated participants (Study page),
+issue 12 items 2 and 6, on the demo workspace."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import numpy as np
+import pytest
+
+from tests.test_app_pages import _app, _press_unless_stored
+
+
+@pytest.fixture
+def demo_ws(demo_workspace, monkeypatch):
+    """The shared demo workspace, opened by name by the app (as in tests/test_app_pages.py)."""
+    monkeypatch.setenv("CONCEPT_EXPLORER_HOME", str(demo_workspace.root.parent))
+    monkeypatch.delenv("CONCEPT_EXPLORER_LEAD_KEY", raising=False)
+    return demo_workspace
+
+
+def _values(v) -> list[float]:
+    """A plotly array from a chart's JSON: a list, or plotly's typed array (dtype + base64)."""
+    if isinstance(v, dict) and "bdata" in v:
+        return np.frombuffer(base64.b64decode(v["bdata"]), np.dtype(v["dtype"])).tolist()
+    return [float(x) for x in v]
+
+
+def _grass_concept(ws) -> int:
+    from demo_world import groundtruth as gt
+    from demo_world import world
+    from explainer.concepts import explain_class, get_context
+
+    e = explain_class(get_context(ws, "cpu"), world.CLASSES.index("lupo"), device="cpu",
+                      cache=True)
+    k = gt.find_concept(gt.explanation_truth(e, exclude_target=True), "bg_grass")
+    assert k is not None
+    return int(k)
+
+
+def _atlas_captions(at) -> list[str]:
+    """Captions of the atlas's crops (``#id · score``; the concept grid's are ``#id``)."""
+    return [c for im in at.image for c in im.captions if c.startswith("#") and " · " in c]
+
+
+def test_atlas_pages_breakdown_where_else_and_map(demo_ws):
+    at = _app(ws="demo", a="lupo", n=4)
+    at.switch_page("pages/explain.py").run()
+    assert not at.exception, at.exception
+    _press_unless_stored(at, "ex_run")
+    assert not at.exception, at.exception
+    assert any(e.label.startswith("Concept atlas") for e in at.expander)
+    assert _atlas_captions(at) == []  # nothing computed until switched on
+    at.toggle(key="ex_atlas_on").set_value(True).run()
+    assert not at.exception, at.exception
+    first = _atlas_captions(at)
+    assert len(first) == 8
+    # show more: 32 per page, then page 2 of 32 -- distinct crops, lower scores
+    at.radio(key="ex_atlas_size").set_value(32).run()
+    p1 = _atlas_captions(at)
+    assert len(p1) == 32 and p1[:8] == first
+    at.number_input(key="ex_atlas_page").set_value(2).run()
+    assert not at.exception, at.exception
+    p2 = _atlas_captions(at)
+    assert len(p2) == 32 and not set(p2) & set(p1)
+    assert float(p2[0].split(" · ")[1]) <= float(p1[-1].split(" · ")[1])
+    # the breakdown chart counts the 32 crops shown, three times (crop, image, label)
+    charts = {c.proto.id: json.loads(c.proto.spec) for c in at.get("plotly_chart")}
+    bars = [s for s in charts.values() if s["data"] and s["data"][0]["type"] == "bar"]
+    counted = sum(sum(_values(tr["y"])) for tr in bars[0]["data"])
+    assert counted == 3 * 32
+    # where else: the concept picked is listed with its classes
+    assert any("occurs in" in m.value for m in at.markdown)
+    # the map: one scatter trace per dominant concept
+    scat = [s for s in charts.values() if s["data"] and s["data"][0]["type"] == "scattergl"]
+    assert scat and 1 <= len(scat[0]["data"]) <= 4
+    # page 20 of 100 is the last; back to 100 per page from page 2 of 32 keeps a valid page
+    at.radio(key="ex_atlas_size").set_value(100).run()
+    assert not at.exception, at.exception
+    assert len(_atlas_captions(at)) == 100
+    # the grass concept of lupo (ground truth: its excluded crops are grass) occurs in many
+    # classes
+    at.selectbox(key="ex_atlas_k").set_value(_grass_concept(demo_ws)).run()
+    occurs = [m.value for m in at.markdown if "occurs in" in m.value]
+    n = int(occurs[0].split("occurs in ")[1].split()[0])
+    assert n >= 6, occurs
