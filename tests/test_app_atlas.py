@@ -85,3 +85,50 @@ def test_atlas_pages_breakdown_where_else_and_map(demo_ws):
     occurs = [m.value for m in at.markdown if "occurs in" in m.value]
     n = int(occurs[0].split("occurs in ")[1].split()[0])
     assert n >= 6, occurs
+
+
+def test_study_simulated_participants_beside_human_results(demo_ws):
+    from explainer.concepts import explain_class, get_context
+    from study import intruder as S
+
+    ctx = get_context(demo_ws, "cpu")
+    crops = {c: [[r.crop_id for r in con.crops] for con in
+                 explain_class(ctx, c, device="cpu", cache=True).concepts] for c in (0, 1, 2)}
+    study = S.create_study_from_crops(S.study_path(demo_ws), "demo", crops,
+                                      trials_per_participant=4, seed=3)
+    for t in S.trials_for(study, "hana"):  # a human answered every trial right
+        S.record_answer(study, "hana", t, t.intruder_position)
+    try:
+        at = _app(ws="demo")
+        at.switch_page("pages/study.py").run()
+        assert not at.exception, at.exception
+        at.selectbox(key="st_selected").set_value(study.study_id).run()
+        assert "this model · layer3" in at.multiselect(key="st_sim_obs").options
+        assert any("Press **Run the simulated participants**" in i.value for i in at.info)
+        at.multiselect(key="st_sim_obs").set_value(["layer3", "layer2"])
+        at.number_input(key="st_sim_trials").set_value(300)
+        at.button(key="st_sim_run").click().run()
+        assert not at.exception, at.exception
+        assert not at.error, [e.value for e in at.error]
+        metrics = {m.label: m for m in at.metric}
+        assert metrics["Humans"].value == "100.0%"
+        for layer in ("layer3", "layer2"):
+            m = metrics[f"Simulated · this model · {layer}"]
+            assert float(m.value.rstrip("%")) / 100 > 0.6  # well above chance (20 %)
+            shuffled = float(m.delta.split()[1].rstrip("%")) / 100
+            assert abs(shuffled - 0.2) < 0.1
+        tables = [d.value for d in at.dataframe if "humans" in d.value.columns]
+        assert len(tables) == 1
+        table = tables[0]
+        assert list(table["class"]) == [ctx.lm.class_names[c] for c in (0, 1, 2)]
+        assert {"humans", "this model · layer3", "this model · layer2"} <= set(table.columns)
+        assert sum(table["human answers"]) == 4
+        assert any("trials ambiguous" in c.value for c in at.caption)
+        # a bad observer is one clear message, not a trace
+        at.text_input(key="st_sim_other").input("layer9")
+        at.button(key="st_sim_run").click().run()
+        assert not at.exception, at.exception
+        assert any("Unknown model spec 'layer9'" in e.value for e in at.error), \
+            [e.value for e in at.error]
+    finally:
+        S.close_all()  # let go of the workspace's study file (other processes may test it)
