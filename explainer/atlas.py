@@ -41,7 +41,8 @@ __all__ = ["PAGE_SIZES", "HIT_FACTOR", "crops_page", "Breakdown", "breakdown", "
 PAGE_SIZES = (8, 32, 100)
 MAX_RANK = 2000
 """Deepest rank a page may reach (page * page_size + page_size)."""
-_BLOCK_ROWS = 65536
+BLOCK_BYTES = 32 << 20
+"""Float32 bytes of one block of stored rows scored at a time by :func:`where_else`."""
 HIT_FACTOR = 0.8
 """Default hit threshold of :func:`where_else`: this times the best-crop cosine of the
 ``m``-th best image outside the explained class (0.8: precision 0.93, recall 1.0 of grass
@@ -156,12 +157,13 @@ class WhereElse:
 def where_else(catalog: Any, vector: np.ndarray, *, layer: str | None = None,
                threshold: float | None = None, own_class: int | None = None, m: int = 8,
                min_share: float = 0.05, class_names: Sequence[str] | None = None,
-               block_rows: int = _BLOCK_ROWS) -> WhereElse:
+               block_rows: int | None = None) -> WhereElse:
     """Which predicted classes' images score highest on the concept ``vector``, over the whole
     catalog at ``layer``.
 
     Each crop's cosine to ``vector`` is computed block by block from the layer's store (memory:
-    one block and one float per image); an image's score is its best crop's. ``threshold``
+    one block of ``block_rows`` rows, default :data:`BLOCK_BYTES` as float32, and one float per
+    image); an image's score is its best crop's. ``threshold``
     (default: :data:`HIT_FACTOR` times the score of the ``m``-th best image not predicted as
     ``own_class``, or of the ``m``-th best image overall when no class is given) decides a
     *hit*. ``top_images`` lists the :data:`TOP_IMAGES` best images outside ``own_class``.
@@ -183,7 +185,8 @@ def where_else(catalog: Any, vector: np.ndarray, *, layer: str | None = None,
         raise ExplorerError("The catalog has no images")
     best = np.full(int(img_ids.max()) + 1, -np.inf, np.float32)
     norms_all = store.norms
-    for pos, block in store.blocks(rows=int(block_rows)):
+    rows = int(block_rows) if block_rows else max(256, BLOCK_BYTES // (4 * max(1, store.dim)))
+    for pos, block in store.blocks(rows=rows):
         ids = np.asarray(store.ids[pos:pos + len(block)], np.int64)
         norms = np.asarray(norms_all[pos:pos + len(block)], np.float32)
         s = block @ q

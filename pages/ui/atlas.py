@@ -127,8 +127,10 @@ def _where_else(ws: Any, cat: Any, lm: Any, explanation: Any, con: Any, key: str
     occ = w.occurs_in
     own = lm.class_names[explanation.class_a]
     others = [o.name for o in occ if o.class_idx != explanation.class_a]
+    listed = ", ".join(others[:12]) + (f" and {len(others) - 12} more" if len(others) > 12
+                                       else "")
     st.markdown(f"**Concept {con.index + 1} occurs in {len(occ)} classes**"
-                + (f" — besides {own}: {', '.join(others)}" if others else f" — only in {own}"))
+                + (f" — besides {own}: {listed}" if others else f" — only in {own}"))
     st.caption(f"Every crop of the catalog ({w.n_crops:,}) scored by cosine to the concept; an "
                f"image's score is its best crop's; a *hit* is an image scoring at least "
                f"{w.threshold:.3f}. Classes listed where at least {w.min_share:.0%} of the "
