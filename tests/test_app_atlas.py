@@ -132,3 +132,23 @@ def test_study_simulated_participants_beside_human_results(demo_ws):
             [e.value for e in at.error]
     finally:
         S.close_all()  # let go of the workspace's study file (other processes may test it)
+
+
+def test_map_selection_maps_points_to_crops_by_trace_and_index():
+    """The browser sends ``curve_number`` / ``point_index`` per selected point (its custom data
+    arrives in another shape: checked in Chromium); each maps to the crop at that position."""
+    from types import SimpleNamespace
+
+    from pages.ui.atlas import selected_crops
+
+    crop_ids = np.array([10, 11, 12, 13, 14, 15])
+    traces = [np.array([0, 2, 4]), np.array([1, 3, 5])]  # concept 1: crops 10, 12, 14; ...
+    pts = [{"curve_number": 1, "point_index": 2}, {"curve_number": 0, "point_index": 0},
+           {"curve_number": 1, "point_index": 2}, {"curve_number": 7, "point_index": 0},
+           {"curve_number": 0, "point_index": 9}, {"curve_number": 0, "customdata": {"0": 1}},
+           "junk"]
+    event = SimpleNamespace(selection=SimpleNamespace(points=pts))
+    assert selected_crops(event, traces, crop_ids) == [15, 10]
+    assert selected_crops(None, traces, crop_ids) == []
+    assert selected_crops(SimpleNamespace(selection=SimpleNamespace(points=[])), traces,
+                          crop_ids) == []

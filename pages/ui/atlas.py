@@ -172,14 +172,16 @@ def _map(ws: Any, cat: Any, lm: Any, explanation: Any, key: str) -> None:
     import plotly.graph_objects as go
 
     fig = go.Figure()
+    traces: list[np.ndarray] = []  # per trace: the positions of its points in the map
     for k in range(explanation.n_concepts):
         sel = np.flatnonzero(cm.concept == k)
         if not len(sel):
             continue
+        traces.append(sel)
         fig.add_trace(go.Scattergl(
-            x=cm.xy[sel, 0], y=cm.xy[sel, 1], mode="markers", name=f"concept {k + 1}",
-            marker=dict(size=6, opacity=0.75),
-            customdata=np.stack([cm.crop_ids[sel], cm.image_ids[sel]], axis=1),
+            x=cm.xy[sel, 0].tolist(), y=cm.xy[sel, 1].tolist(), mode="markers",
+            name=f"concept {k + 1}", marker=dict(size=6, opacity=0.75),
+            customdata=np.stack([cm.crop_ids[sel], cm.image_ids[sel]], axis=1).tolist(),
             text=[f"{s:.2f}" for s in cm.score[sel]],
             hovertemplate="crop %{customdata[0]} · image %{customdata[1]}<br>cosine to the "
                           "concept %{text}<extra>%{fullData.name}</extra>"))
@@ -193,22 +195,32 @@ def _map(ws: Any, cat: Any, lm: Any, explanation: Any, key: str) -> None:
                "concept it is most similar to. Click a point or draw a box to see the crops.")
     event = st.plotly_chart(fig, key=f"{key}_atlas_map", on_select="rerun",
                             selection_mode=("points", "box", "lasso"))
-    points = []
-    try:
-        points = list(event.selection.points)  # type: ignore[union-attr]
-    except AttributeError:
-        points = []
-    ids = []
-    for p in points:
-        cd = p.get("customdata") if isinstance(p, dict) else None
-        if cd is not None and len(cd) >= 1:
-            ids.append(int(cd[0]))
-    ids = list(dict.fromkeys(ids))
+    ids = selected_crops(event, traces, cm.crop_ids)
     if ids:
         st.markdown(f"**{len(ids)} selected crops**"
                     + (f" (the first {MAX_SELECTED})" if len(ids) > MAX_SELECTED else ""))
         pos = {int(c): i for i, c in enumerate(cm.crop_ids)}
-        refs = cat.crop_refs(ids[:MAX_SELECTED],
-                             [float(cm.score[pos[c]]) if c in pos else float("nan")
-                              for c in ids[:MAX_SELECTED]])
+        refs = cat.crop_refs(ids[:MAX_SELECTED], [float(cm.score[pos[c]])
+                                                  for c in ids[:MAX_SELECTED]])
         _grid(ws, lm, refs, f"{key}_atlas_sel")
+
+
+def selected_crops(event: Any, traces: list[np.ndarray], crop_ids: np.ndarray) -> list[int]:
+    """Crop ids of the points selected in the map (``event``: what ``st.plotly_chart`` returned
+    with ``on_select``), in selection order, each once. A point is found by its trace
+    (``curve_number``) and its index in that trace (``point_index``), not by what the browser
+    sends back as custom data."""
+    try:
+        points = list(event.selection.points)
+    except AttributeError:  # no selection state (e.g. the chart was not interacted with)
+        return []
+    out: list[int] = []
+    for p in points:
+        if not isinstance(p, dict):
+            continue
+        curve, idx = p.get("curve_number"), p.get("point_index", p.get("point_number"))
+        if not isinstance(curve, int) or not isinstance(idx, int):
+            continue
+        if 0 <= curve < len(traces) and 0 <= idx < len(traces[curve]):
+            out.append(int(crop_ids[traces[curve][idx]]))
+    return list(dict.fromkeys(out))
