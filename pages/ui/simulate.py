@@ -95,6 +95,7 @@ def _show(sim: Any, human: Any, to_csv: Any, names: Any) -> None:
     for col, r in zip(cols[1:], sim.results):
         col.metric(f"Simulated · {r.observer.label}", _pct(r.overall.accuracy),
                    delta=f"shuffled {_pct(r.shuffled.accuracy)}", delta_color="off",
+                   delta_arrow="off",
                    help=f"{r.overall.n} trials, 95 % CI {_pct(r.overall.ci_low)} – "
                         f"{_pct(r.overall.ci_high)}; chance {sim.chance:.0%}; "
                         f"{r.seconds:.1f} s")
