@@ -20,7 +20,9 @@ runner-up's, in cosine units) is below ``margin`` for some observer, or the obse
 different crops.
 
 Cost: one forward per distinct crop of the study and observer (a study of 4 classes x 4
-concepts x 8 crops embeds 128 crops), nothing stored on disk.
+concepts x 8 crops embeds 128 crops), forwarded 32 at a time; the crops' pixels are cut once
+when they fit in :data:`PIXELS_IN_RAM`, else per observer and batch (memory: one batch);
+nothing stored on disk.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import csv
 import io
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -48,6 +50,9 @@ SIM_PARTICIPANT = "simulated"
 DEFAULT_MARGIN = 0.02
 """Trials whose intruder margin (cosine units) is below this for an observer are ambiguous."""
 _BATCH = 32
+PIXELS_IN_RAM = 256 << 20
+"""Crop pixels up to this many float32 bytes are cut once and shared by the observers; more are
+cut again per observer, one batch at a time."""
 
 
 @dataclass(frozen=True)
@@ -157,11 +162,13 @@ def _observer_model(obs: Observer, lm: Any, device: str) -> tuple[Any, str, bool
 
 
 @torch.no_grad()
-def _embed(pixels: torch.Tensor, model: Any, layer: str, resize: bool) -> np.ndarray:
-    """``(k, C)`` float32: ``layer``'s activations of the crops, spatially averaged."""
+def _embed(pixels: Callable[[Sequence[int]], torch.Tensor], crop_ids: Sequence[int], model: Any,
+           layer: str, resize: bool) -> np.ndarray:
+    """``(k, C)`` float32: ``layer``'s activations of the crops, spatially averaged; the crops'
+    pixels come from ``pixels(ids)``, :data:`_BATCH` at a time."""
     out = []
-    for i in range(0, len(pixels), _BATCH):
-        x = pixels[i:i + _BATCH].float()
+    for i in range(0, len(crop_ids), _BATCH):
+        x = pixels(list(crop_ids[i:i + _BATCH])).float()
         if resize:
             s = int(model.input_size)
             x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False,
@@ -260,8 +267,16 @@ def simulate_study(study: Study, catalog: Any, lm: Any, observers: Sequence[Obse
     control = trials_for(replace(base, concept_crops=shuffled_crops(crops, seed)),
                          SIM_PARTICIPANT)
     ids = sorted({c for t in trials + control for c in t.crop_ids})
-    pixels = catalog.crop_pixels(ids, lm)
     pos = {c: i for i, c in enumerate(ids)}
+    side = int(catalog.grid.crop_size)
+    if len(ids) * 3 * side * side * 4 <= PIXELS_IN_RAM:
+        cut = catalog.crop_pixels(ids, lm)
+
+        def pixels(batch: Sequence[int]) -> torch.Tensor:
+            return cut[[pos[c] for c in batch]]
+    else:
+        def pixels(batch: Sequence[int]) -> torch.Tensor:
+            return catalog.crop_pixels(list(batch), lm)
     results: list[ObserverResult] = []
     all_choices: list[list[int]] = []
     all_margins: list[list[float]] = []
@@ -270,7 +285,7 @@ def simulate_study(study: Study, catalog: Any, lm: Any, observers: Sequence[Obse
                message=obs.label)
         t1 = time.perf_counter()
         model, layer, resize = _observer_model(obs, lm, device)
-        emb = _embed(pixels, model, layer, resize)
+        emb = _embed(pixels, ids, model, layer, resize)
         picks = [observer_choice(emb[[pos[c] for c in t.crop_ids]]) for t in trials]
         ctrl = [observer_choice(emb[[pos[c] for c in t.crop_ids]])[0] for t in control]
         overall, per_class, per_concept = _accuracy(trials, [p for p, _ in picks], class_names)

@@ -119,3 +119,23 @@ def test_observer_parsing_and_errors(demo_study):
     defaults = M.default_observers(lm, ctx.catalog.default_layer)
     assert defaults[0] == M.Observer("", "layer3")
     assert defaults[-1].model == "efficientnet_lite2"
+
+
+def test_streamed_crops_give_the_same_answers(demo_study, monkeypatch):
+    """Crops too many for :data:`PIXELS_IN_RAM` are cut per observer and batch: same result."""
+    ctx, study = demo_study
+    obs = [M.Observer("", "layer3")]
+    a = M.simulate_study(study, ctx.catalog, ctx.lm, obs, n_trials=60, seed=2)
+    cut: list[int] = []
+    real = ctx.catalog.crop_pixels
+
+    def counting(ids, lm):
+        cut.append(len(ids))
+        return real(ids, lm)
+
+    monkeypatch.setattr(M, "PIXELS_IN_RAM", 0)
+    monkeypatch.setattr(ctx.catalog, "crop_pixels", counting)
+    b = M.simulate_study(study, ctx.catalog, ctx.lm, obs, n_trials=60, seed=2)
+    assert [t.choices for t in b.trials] == [t.choices for t in a.trials]
+    assert b.results[0].overall == a.results[0].overall
+    assert cut and max(cut) <= 32  # never more than one batch of crops at a time
