@@ -124,6 +124,16 @@ def test_study_simulated_participants_beside_human_results(demo_ws):
         assert {"humans", "this model · layer3", "this model · layer2"} <= set(table.columns)
         assert sum(table["human answers"]) == 4
         assert any("trials ambiguous" in c.value for c in at.caption)
+        # an ambiguous trial's five crops, the intruder marked once
+        pick = at.selectbox(key="st_sim_pick")
+        assert pick.options and "trial" in pick.options[0]
+        caps = [c for im in at.image for c in im.captions if c.startswith("#")]
+        from dataclasses import replace
+
+        shown = S.trials_for(replace(study, trials_per_participant=300), "simulated")[
+            int(pick.value) - 1]
+        assert caps == [f"#{c}" for c in shown.crop_ids]
+        assert sum("**intruder**" in m.value for m in at.markdown) == 1
         # a bad observer is one clear message, not a trace
         at.text_input(key="st_sim_other").input("layer9")
         at.button(key="st_sim_run").click().run()

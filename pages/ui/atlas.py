@@ -24,8 +24,9 @@ MAX_SELECTED = 16
 
 
 def show_crop(ws: Any, lm: Any, ref: Any, *, key: str) -> None:
-    """One crop of the atlas: the picture with its id and similarity, and where it comes from
-    (a popover). Every crop the atlas shows is drawn here (one place for per-crop actions)."""
+    """One crop: the picture with its id (and similarity when known), and where it comes from
+    (a popover). Every crop the atlas and the simulated study show is drawn here: one place for
+    per-crop actions; ``key`` is unique per crop on the page, for their widgets."""
     try:
         pic = upscale(crop_pic(ws, ref.crop_id), 96)
     except ExplorerError:  # e.g. the image folder moved since the build

@@ -85,6 +85,8 @@ def simulate_panel(ws: Any, cat: Any, lm: Any, study: Any, human: Any) -> None:
                 icon=":material/smart_toy:")
         return
     _show(sim, human, simulation_csv, lm.class_names)
+    with guard("showing an ambiguous trial"):
+        _ambiguous_trial(ws, cat, lm, sim)
 
 
 def _show(sim: Any, human: Any, to_csv: Any, names: Any) -> None:
@@ -132,3 +134,25 @@ def _show(sim: Any, human: Any, to_csv: Any, names: Any) -> None:
         st.download_button("Download the simulated trials (CSV)", to_csv(sim),
                            file_name=f"study_{sim.study_id}_simulated.csv", mime="text/csv",
                            key="st_sim_csv")
+
+
+def _ambiguous_trial(ws: Any, cat: Any, lm: Any, sim: Any) -> None:
+    """One ambiguous trial's five crops, the intruder and each machine's choice marked."""
+    from .atlas import show_crop
+
+    amb = [t for t in sim.trials if t.ambiguous]
+    if not amb:
+        return
+    by_index = {t.trial.index + 1: t for t in amb}
+    pick = st.selectbox("See an ambiguous trial", list(by_index)[:500], key="st_sim_pick",
+                        format_func=lambda i: f"trial {i} · {lm.class_names[by_index[i].trial.class_idx]}"
+                                              f" · {by_index[i].reason}")
+    t = by_index[int(pick)]
+    labels = [r.observer.label for r in sim.results]
+    cols = st.columns(len(t.trial.crop_ids))
+    for j, (col, ref) in enumerate(zip(cols, cat.crop_refs(list(t.trial.crop_ids)))):
+        with col:
+            show_crop(ws, lm, ref, key=f"st_sim_trial_{j}")
+            marks = (["**intruder**"] if j == t.trial.intruder_position else []) + [
+                f"chosen by {lab}" for lab, ch in zip(labels, t.choices) if ch == j]
+            st.markdown("  \n".join(marks) or " ")
