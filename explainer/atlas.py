@@ -192,7 +192,11 @@ def where_else(catalog: Any, vector: np.ndarray, *, layer: str | None = None,
         s = block @ q
         np.divide(s, norms, out=s, where=norms > 0)
         s[norms <= 0] = 0.0
-        np.maximum.at(best, ids // per_image, s.astype(np.float32))
+        img = ids // per_image
+        # rows are in crop-id order, so an image's crops are one run: reduce each run, then
+        # merge (an image split across two blocks, or any order, is still right)
+        starts = np.flatnonzero(np.r_[True, img[1:] != img[:-1]])
+        np.maximum.at(best, img[starts], np.maximum.reduceat(s.astype(np.float32), starts))
     scores = best[img_ids]
     outside = np.isfinite(scores) if own_class is None else \
         np.isfinite(scores) & (preds != int(own_class))
