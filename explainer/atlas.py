@@ -26,11 +26,13 @@ Everything here works on one layer's crop embeddings in the catalog (the explana
 from __future__ import annotations
 
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
 from explorer_core.errors import ExplorerError
 from explorer_core.results import CropRef
@@ -186,10 +188,21 @@ def where_else(catalog: Any, vector: np.ndarray, *, layer: str | None = None,
     best = np.full(int(img_ids.max()) + 1, -np.inf, np.float32)
     norms_all = store.norms
     rows = int(block_rows) if block_rows else max(256, BLOCK_BYTES // (4 * max(1, store.dim)))
-    for pos, block in store.blocks(rows=rows):
-        ids = np.asarray(store.ids[pos:pos + len(block)], np.int64)
-        norms = np.asarray(norms_all[pos:pos + len(block)], np.float32)
-        s = block @ q
+    qt = torch.from_numpy(q)
+    # float16 rows widened into one reused float32 buffer by torch (several times faster than
+    # numpy's conversion), as the exact crop search does
+    buf = torch.empty((rows, store.dim), dtype=torch.float32) if store.dtype != "float32" \
+        else None
+    for pos, raw in store.raw_blocks(rows=rows):
+        n = len(raw)
+        ids = np.asarray(store.ids[pos:pos + n], np.int64)
+        norms = np.asarray(norms_all[pos:pos + n], np.float32)
+        with warnings.catch_warnings():  # a read-only memory map: torch only reads it here
+            warnings.simplefilter("ignore", UserWarning)
+            block = torch.from_numpy(raw)
+        if buf is not None:
+            block = buf[:n].copy_(block)
+        s = torch.mv(block, qt).numpy()
         np.divide(s, norms, out=s, where=norms > 0)
         s[norms <= 0] = 0.0
         img = ids // per_image
