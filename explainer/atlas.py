@@ -4,7 +4,7 @@ the catalog it occurs, and a 2-D map of a class's crops coloured by concept.
 Everything here works on one layer's crop embeddings in the catalog (the explanation's layer):
 
 * :func:`crops_page` -- page ``p`` of the concept's nearest crops (``page_size`` 8 / 32 / 100),
-  the ranks ``p * page_size ..`` of the same exact search the explanation's top crops come from
+  the ranks ``p * page_size ..`` of the same crop search the explanation's top crops come from
   (:class:`~data_index.search.CropSearch`, with the same "exclude target class" filter).
 * :func:`breakdown` -- counts of the crops shown by the crop's own predicted class, its source
   image's predicted class and the image's true label (``unknown`` where the dataset has none).
