@@ -126,7 +126,13 @@ def parse_observer(text: str, lm: Any) -> Observer:
     spec, _, layer = t.partition("@")
     from explorer_core.models import parse_spec
 
-    parse_spec(spec)  # raises ExplorerError listing the valid specs
+    try:
+        parse_spec(spec)
+    except ExplorerError as err:
+        layers = [i.name for i in lm.candidate_layers() if i.nonnegative and "." not in i.name]
+        raise ExplorerError(f"'{t}' is neither a layer of {lm.spec} (e.g. "
+                            f"{', '.join(layers[-4:]) or 'see its candidate layers'}) nor a "
+                            f"model: {err}") from err
     if spec == lm.spec and layer:
         lm.module(layer)  # an unknown layer of this model: the list of valid ones
         return Observer("", layer)

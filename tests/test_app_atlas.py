@@ -138,7 +138,7 @@ def test_study_simulated_participants_beside_human_results(demo_ws):
         at.text_input(key="st_sim_other").input("layer9")
         at.button(key="st_sim_run").click().run()
         assert not at.exception, at.exception
-        assert any("Unknown model spec 'layer9'" in e.value for e in at.error), \
+        assert any("'layer9' is neither a layer of demo" in e.value for e in at.error), \
             [e.value for e in at.error]
     finally:
         S.close_all()  # let go of the workspace's study file (other processes may test it)

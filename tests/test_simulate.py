@@ -108,8 +108,10 @@ def test_observer_parsing_and_errors(demo_study):
     assert M.parse_observer("efficientnet_lite2@bn2", lm).layer == "bn2"
     with pytest.raises(ExplorerError, match="Name an observer"):
         M.parse_observer("  ", lm)
-    with pytest.raises(ExplorerError, match="Unknown model spec .no_such_model."):
-        M.parse_observer("no_such_model", lm)
+    with pytest.raises(ExplorerError, match="'layer9' is neither a layer of demo "
+                       r"\(e.g. layer1, layer2, layer3, layer4\) nor a model: Unknown model "
+                       "spec 'layer9'"):
+        M.parse_observer("layer9", lm)
     with pytest.raises(ExplorerError, match="Unknown layer 'nope'"):
         M.simulate_study(study, ctx.catalog, lm, [M.Observer("", "nope")], n_trials=5)
     with pytest.raises(ExplorerError, match="at least one simulated participant"):
