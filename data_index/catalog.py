@@ -1292,6 +1292,12 @@ class Catalog:
     def image_ids(self) -> list[int]:
         return [int(r[0]) for r in self._q("SELECT image_id FROM images ORDER BY image_id")]
 
+    def image_preds(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(image ids, predicted classes)``, both int64 ``(N,)``, by image id."""
+        rows = self._q("SELECT image_id, pred FROM images ORDER BY image_id")
+        return (np.fromiter((r[0] for r in rows), np.int64, len(rows)),
+                np.fromiter((r[1] for r in rows), np.int64, len(rows)))
+
     def image_row(self, image_id: int) -> dict[str, Any]:
         with self._lock:
             cur = self._con.execute("SELECT * FROM images WHERE image_id = ?", [int(image_id)])

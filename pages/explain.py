@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pages.ui import access, errors, resources, state, synthesis, views, widgets
+from pages.ui import access, atlas, errors, resources, state, synthesis, views, widgets
 
 access.lead_page()
 
@@ -70,6 +70,7 @@ st.caption(f"{explanation.n_concepts} concepts from {len(explanation.image_ids)}
            f"{explanation.reconstruction_error:.3f}"
            + (f"; {sum(explanation.timings.values()):.1f}s" if explanation.timings else ""))
 views.concept_grid(ws, lm, explanation, excl, "ex")
+atlas.atlas_panel(ws, cat, lm, explanation, excl, "ex")
 synthesis.synthesis_panel(ws, lm, explanation, "ex")
 
 st.subheader("Concept heatmaps over source images")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import streamlit as st
 
 import study as S
-from pages.ui import access, errors, progress, resources
+from pages.ui import access, errors, progress, resources, simulate
 
 access.lead_page()
 
@@ -106,6 +106,8 @@ with errors.guard("reading the studies"):
     m[1].metric("Accuracy", "–" if not o.n else f"{o.accuracy:.1%}")
     m[2].metric("95 % CI (Wilson)", "–" if not o.n else f"{o.ci_low:.1%} – {o.ci_high:.1%}")
     m[3].metric("p (one-sided vs 20 %)", "–" if not o.n else f"{o.p_value:.2g}")
+
+    simulate.simulate_panel(ws, cat, lm, study, res)
 
     def _table(stats, label):
         return [{label: s.label, "answers": s.n, "correct": s.correct,
