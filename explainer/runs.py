@@ -103,7 +103,7 @@ def params_diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[tuple[str, A
 def _test_summary(pt: Any) -> dict[str, Any] | None:
     if pt is None:
         return None
-    return {"passed": bool(pt.passed), "prob_target": float(pt.prob_target),
+    return {"passed": bool(pt.passed), "target": int(pt.target), "prob_target": float(pt.prob_target),
             "predicted": int(pt.predicted), "prob_predicted": float(pt.prob_predicted),
             "crop_ids": [int(i) for i in pt.crop_ids], "score": str(pt.score)}
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import streamlit as st
 
 from pages.ui import access, errors, resources, state, synthesis, views, widgets
+from pages.ui import runs as runs_ui
 
 access.lead_page()
 
@@ -56,6 +57,11 @@ state.init_widget("ex_excl", state.bool_qp("excl"))
 excl = st.toggle("Exclude target-class crops (crop or source image predicted as the class)",
                  key="ex_excl")
 state.set_qp(excl=int(excl))
+runs_ui.keep(ws, lm, cat, "explain", {
+    **runs_ui.base_params(ws, layer), "class": names[cls], "n_concepts": int(n), "method": method,
+    "max_images": int(max_images), "seed": int(seed), "m": 8}, explanation,
+    f"explain {names[cls]} · n={n} · {method} · {layer or ws.layer}", exclude_target=excl,
+    prefix="ex")
 
 pt = explanation.prediction_test_excluded if excl else explanation.prediction_test
 st.subheader("Prediction test")

@@ -1,0 +1,120 @@
+"""The run history and export in the app (AppTest): an explanation is kept once however often the
+page reruns, the Explain page offers the HTML report and the zip, the Runs page lists the runs,
+filters them, compares two side by side (the changed parameter highlighted), and deletes one;
+the heatmap view's controls (concept, opacity, larger view) redraw what they say."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from explainer.runs import RunHistory
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = str(ROOT / "app.py")
+T = 900  # seconds: an explanation on 2 busy CPU cores
+
+
+@pytest.fixture(scope="module")
+def demo_copy(demo_workspace, tmp_path_factory) -> Path:
+    """A private copy of the demo workspace (with its result cache), so the runs these tests
+    keep never land in the shared one; returns the workspace folder."""
+    home = tmp_path_factory.mktemp("runs_home")
+    shutil.copytree(demo_workspace.root, home / "demo", symlinks=True,
+                    ignore=shutil.ignore_patterns("runs", "runs.duckdb"))
+    return home / "demo"
+
+
+@pytest.fixture
+def app(demo_copy, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("CONCEPT_EXPLORER_HOME", str(demo_copy.parent))
+    monkeypatch.delenv("CONCEPT_EXPLORER_LEAD_KEY", raising=False)
+
+    def make(page: str, **params):
+        at = AppTest.from_file(APP, default_timeout=T)
+        for k, v in params.items():
+            at.query_params[k] = str(v)
+        at.switch_page(page).run()
+        assert not at.exception, at.exception
+        return at
+    return make
+
+
+def _explain(app, n: int):
+    at = app("pages/explain.py", ws="demo", a="lupo", n=n)
+    if "ex_run" in [b.key for b in at.button]:
+        at.button(key="ex_run").click().run()
+    assert not at.exception, at.exception
+    return at
+
+
+def _captions(at) -> list[str]:
+    return [c.value for c in at.caption]
+
+
+def test_explain_is_kept_once_with_export_buttons(app, demo_copy):
+    at = _explain(app, 4)
+    kept = [c for c in _captions(at) if "in the run history" in c]
+    assert len(kept) == 1 and kept[0].split("run #")[1].split()[0].isdigit()
+    downloads = at.get("download_button")
+    labels = [d.proto.label for d in downloads]
+    assert labels == ["HTML report", "Files (zip)"]
+    # reruns (the exclusion toggle, a plain rerun) record nothing new
+    at.toggle(key="ex_excl").set_value(True).run()
+    at.run()
+    assert not at.exception, at.exception
+    runs = RunHistory(demo_copy).list(kinds=["explain"])
+    assert [r.title.split(" · ")[:2] for r in runs] == [["explain lupo", "n=4"]]
+    # a new session (another browser tab) with the same result: still one run
+    _explain(app, 4)
+    assert len(RunHistory(demo_copy).list(kinds=["explain"])) == 1
+
+
+def test_runs_page_lists_compares_and_deletes(app, demo_copy):
+    _explain(app, 4)
+    _explain(app, 3)
+    hist = RunHistory(demo_copy)
+    runs = hist.list(kinds=["explain"])
+    assert len(runs) == 2
+    at = app("pages/runs.py", ws="demo")
+    table = at.dataframe[0].value
+    assert set(table["title"]) >= {r.title for r in runs}
+    assert set(table["test"]) <= {"PASS", "FAIL", ""}
+    # filter by title text
+    at.text_input(key="ru_text").set_value("n=3").run()
+    assert list(at.dataframe[0].value["title"]) == [runs[0].title]
+    at.text_input(key="ru_text").set_value("").run()
+    # side by side: n = 3 (newest) left, n = 4 right; only n_concepts differs
+    at.selectbox(key="ru_left").set_value(runs[0].id)
+    at.selectbox(key="ru_right").set_value(runs[1].id).run()
+    assert not at.exception, at.exception
+    params = at.dataframe[1].value
+    differs = dict(zip(params["parameter"], params["differs"]))
+    assert differs["n_concepts"] == "≠"
+    assert [k for k, v in differs.items() if v] == ["n_concepts"]
+    concept_heads = [m.value for m in at.markdown if m.value.startswith("Concept ")]
+    assert len(concept_heads) == 3 + 4
+    crop_caps = [c for im in at.image for c in im.captions if c.startswith("#")]
+    assert len(crop_caps) == (3 + 4) * 8
+    assert len(at.get("download_button")) == 4  # HTML + zip per side
+    verdicts = [s.value for s in at.success] + [e.value for e in at.error]
+    assert sum("prediction test" in v for v in verdicts) == 2
+    # delete the left run (asks first)
+    at.button(key="ru_del_l").click().run()
+    assert any("cannot be undone" in w.value for w in at.warning)
+    at.button(key="ru_del_yes_l").click().run()
+    assert not at.exception, at.exception
+    assert [r.id for r in hist.list(kinds=["explain"])] == [runs[1].id]
+    assert not (demo_copy / "runs" / runs[0].folder).exists()
+    assert list(at.dataframe[0].value["run"]) == [
+        r.id for r in hist.list()]
+
+
+def test_runs_page_without_runs_says_how_to_make_one(app, demo_copy):
+    at = app("pages/runs.py", ws="demo")
+    at.multiselect(key="ru_kinds").set_value(["patch"]).run()
+    assert any("No runs yet match these filters" in i.value for i in at.info)
