@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pages.ui import access, errors, pictures, resources, state, synthesis, views, widgets
+from pages.ui import access, errors, heatmaps, pictures, resources, state, synthesis, views, widgets
 from pages.ui import runs as runs_ui
 
 access.lead_page()
@@ -86,6 +86,9 @@ if pt is not None:
 st.subheader("Contrasted concepts")
 views.concept_grid(ws, lm, explanation, excl, "co")
 synthesis.synthesis_panel(ws, lm, explanation, "co")
+with st.expander("Show heatmaps of the contrasted concepts over the images of A"), \
+        errors.guard("drawing heatmaps"):
+    heatmaps.heatmap_view(ws, explanation, "co")
 
 # ---- shifting test ---------------------------------------------------------------------------
 st.subheader("Shifting test")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pages.ui import access, errors, resources, state, synthesis, views, widgets
+from pages.ui import access, errors, heatmaps, resources, state, synthesis, views, widgets
 from pages.ui import runs as runs_ui
 
 access.lead_page()
@@ -80,7 +80,5 @@ synthesis.synthesis_panel(ws, lm, explanation, "ex")
 
 st.subheader("Concept heatmaps over source images")
 with st.expander("Show heatmaps (NMF concept strength per pixel; ours, not the paper's)"):
-    k = st.slider("Source images", 1, max(1, min(24, len(explanation.image_ids))),
-                  min(4, max(1, len(explanation.image_ids))), key="ex_hm_n")
     with errors.guard("drawing heatmaps"):
-        views.heatmaps(ws, lm, explanation, k)
+        heatmaps.heatmap_view(ws, explanation, "ex")

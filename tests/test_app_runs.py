@@ -5,6 +5,7 @@ the heatmap view's controls (concept, opacity, larger view) redraw what they say
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -118,3 +119,32 @@ def test_runs_page_without_runs_says_how_to_make_one(app, demo_copy):
     at = app("pages/runs.py", ws="demo")
     at.multiselect(key="ru_kinds").set_value(["patch"]).run()
     assert any("No runs yet match these filters" in i.value for i in at.info)
+
+
+def test_heatmap_controls(app, demo_copy):
+    from explainer.heatmap import strongest_images
+    from explainer.runs import RunHistory
+
+    at = _explain(app, 4)
+    caps = [c for im in at.image for c in im.captions]
+    assert any(c.startswith("colour scale: 0 (dark)") for c in caps)
+    overlays = [c for c in caps if c.startswith("max ")]
+    assert len(overlays) == 4 * 4  # 4 source images x 4 concepts
+    at.slider(key="ex_hm_n").set_value(6).run()
+    assert len([c for im in at.image for c in im.captions if c.startswith("max ")]) == 6 * 4
+    # choosing concept 2 orders the images by its strength and keeps only its ranking panel
+    at.selectbox(key="ex_hm_concept").set_value(1).run()
+    assert not at.exception, at.exception
+    run = RunHistory(demo_copy).list(kinds=["explain"], text="n=4")[0]
+    expl = RunHistory(demo_copy).result(run)
+    ranked = strongest_images(expl.heatmaps, expl.image_ids, 1, 6)
+    rows = [c for im in at.image for c in im.captions if re.fullmatch(r"image \d+", c)]
+    assert rows[:6] == [f"image {i}" for i, _ in ranked]
+    panel = [c for im in at.image for c in im.captions if ". image " in c]
+    assert panel == [f"{r + 1}. image {i} · max {v:.2f}" for r, (i, v) in enumerate(ranked)]
+    assert at.selectbox(key="ex_hm_big").options == [f"image {i}" for i, _ in ranked]
+    at.selectbox(key="ex_hm_big").set_value(ranked[2][0]).run()
+    big = [c for im in at.image for c in im.captions if c.endswith(" · concept 2")]
+    assert big == [f"image {ranked[2][0]} · concept 2"]
+    at.slider(key="ex_hm_opacity").set_value(0.2).run()
+    assert not at.exception, at.exception
