@@ -48,8 +48,10 @@ left = c1.selectbox("Left run", ids, index=0, format_func=_label, key="ru_left")
 right = c2.selectbox("Right run", ids, index=min(1, len(ids) - 1), format_func=_label,
                      key="ru_right")
 ra, rb = by_id[int(left)], by_id[int(right)]
+st.caption("Parameters (rows that differ highlighted)")
 st.dataframe(runs_ui.params_table(ra.params, rb.params), hide_index=True, key="ru_params")
-for col, run, side in ((c1, ra, "l"), (c2, rb, "r")):
+d1, d2 = st.columns(2)
+for col, run, side in ((d1, ra, "l"), (d2, rb, "r")):
     with col, errors.guard(f"showing run {run.id}"):
         excl = False
         if run.kind in ("explain", "contrast"):
