@@ -101,10 +101,11 @@ def _test_block(pt: Any, names: Sequence[str], tag: str) -> str:
 def explanation_html(expl: Explanation, lm: Any, catalog: Any, *,
                      params: Mapping[str, Any] | None = None, exclude_target: bool = False,
                      title: str | None = None, n_heatmap_images: int = 4,
-                     opacity: float = 0.6) -> str:
+                     n_strongest: int = 4, opacity: float = 0.6) -> str:
     """The report of an explanation or contrast (module docstring): parameters, prediction
-    tests, classifier, per concept its crops and the source images where it is strongest, and
-    heatmaps over the first ``n_heatmap_images`` source images with a colour bar."""
+    tests, classifier, per concept its crops and the ``n_strongest`` source images where its
+    heatmap is strongest (ranked, overlaid), and heatmaps over the first ``n_heatmap_images``
+    source images with a colour bar."""
     names = lm.class_names
     what = _name(names, expl.class_a) + (f" vs {_name(names, expl.class_b)}"
                                          if expl.class_b is not None else "")
@@ -134,10 +135,17 @@ def explanation_html(expl: Explanation, lm: Any, catalog: Any, *,
                        for r, p in zip(crops, pix))
         body.append(f'<h3>Concept {con.index + 1} · share {con.importance:.0%}</h3>'
                     f'<div class="row crops">{figs}</div>')
-        if heat.size and con.index < heat.shape[1]:
-            top = hm_mod.strongest_images(heat, list(expl.image_ids), con.index, 4)
-            body.append("<p class=\"note\">Strongest in source images: "
-                        + ", ".join(f"{i} ({v:.2f})" for i, v in top) + "</p>")
+        if heat.size and con.index < heat.shape[1] and n_strongest > 0:
+            top = hm_mod.strongest_images(heat, list(expl.image_ids), con.index, n_strongest)
+            pos = {int(i): j for j, i in enumerate(expl.image_ids)}
+            imgs = catalog.image_pixels([i for i, _ in top], lm)
+            figs = "".join(_img(hm_mod.overlay(_u8(p), heat[pos[i], con.index],
+                                               float(scales[con.index]), opacity), 96,
+                                f"{r + 1}. image {i} · max {v:.2f}", f"image {i}")
+                           for r, ((i, v), p) in enumerate(zip(top, imgs)))
+            body.append("<p class=\"note\">Where its heatmap is strongest (source images "
+                        "ranked by the concept's maximum strength):</p>"
+                        f'<div class="row strongest">{figs}</div>')
     k = min(int(n_heatmap_images), len(expl.image_ids))
     if heat.size and k > 0:
         body.append("<h2>Concept heatmaps</h2><p class=\"note\">NMF concept strength per pixel "

@@ -66,6 +66,7 @@ for col, run, side in ((d1, ra, "l"), (d2, rb, "r")):
             st.warning(f"Delete run #{run.id} and its stored result? This cannot be undone.")
             if st.button("Yes, delete", key=f"ru_del_yes_{side}", type="primary"):
                 hist.delete(run.id)
+                runs_ui.forget(run.id)
                 st.session_state.pop("ru_confirm", None)
                 st.session_state.pop("ru_left", None)
                 st.session_state.pop("ru_right", None)

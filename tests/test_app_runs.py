@@ -113,6 +113,13 @@ def test_runs_page_lists_compares_and_deletes(app, demo_copy):
     assert not (demo_copy / "runs" / runs[0].folder).exists()
     assert list(at.dataframe[0].value["run"]) == [
         r.id for r in hist.list()]
+    # back on the Explain page in the same session: the deleted result is kept again
+    at.switch_page("pages/explain.py")
+    at.query_params["n"] = "3"
+    at.query_params["a"] = "lupo"
+    at.run()
+    assert not at.exception, at.exception
+    assert len(hist.list(kinds=["explain"], text="n=3")) == 1
 
 
 def test_runs_page_without_runs_says_how_to_make_one(app, demo_copy):

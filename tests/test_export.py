@@ -50,14 +50,17 @@ def test_html_report_embeds_crops_heatmaps_params_and_tests(lupo, demo_ctx):
     assert len(crops) == sum(len(con.crops) for con in lupo.concepts)  # 3 concepts x 5 crops
     n_stitched = sum(pt is not None for pt in (lupo.prediction_test,
                                                lupo.prediction_test_excluded))
-    # 2 source images + 2 x 3 overlays, the colour bar, the stitched test images
-    assert len(imgs) == len(crops) + 2 * (1 + 3) + 1 + n_stitched
+    # 2 source images + 2 x 3 overlays, the colour bar, the stitched test images, and per
+    # concept the 4 source images where it is strongest
+    assert len(imgs) == len(crops) + 2 * (1 + 3) + 1 + n_stitched + 3 * 4
     for con in lupo.concepts:
         assert f"#{con.crops[0].crop_id} " in page
     assert "n_concepts" in page and "grad_x_act" in page  # parameters
     pt = lupo.prediction_test
     assert ("PASS" if pt.passed else "FAIL") in page and f"{pt.prob_target:.3f}" in page
-    assert "Strongest in source images" in page
+    for k in range(3):
+        top = heatmap.strongest_images(lupo.heatmaps, lupo.image_ids, k, 4)
+        assert f"1. image {top[0][0]} · max {top[0][1]:.2f}" in page
     # self-contained: no script, stylesheet or image fetched from anywhere
     assert not re.search(r'(src|href)="(?!data:)', page)
     assert "<script" not in page

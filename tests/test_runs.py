@@ -154,3 +154,23 @@ def test_a_locked_history_gives_a_clear_message(tmp_path):
 def test_a_missing_workspace_is_refused(tmp_path):
     with pytest.raises(ExplorerError, match="does not exist"):
         RunHistory(tmp_path / "nope").record("explain", {"n": 1}, make_explanation(1))
+
+
+def test_two_processes_recording_at_once_keep_every_run(tmp_path):
+    """Concurrent writers (two app servers on one workspace): short transactions, each waits for
+    the other; every run is kept exactly once and the database stays readable."""
+    code = ("import sys; from explainer.runs import RunHistory; from tests.test_runs import "
+            "make_patch; h = RunHistory(sys.argv[1]); w = sys.argv[2];"
+            "[h.record('patch', {'writer': w, 'i': i}, make_patch(), title=f'{w}{i}') "
+            "for i in range(20)]; h.record('patch', {'shared': 1}, make_patch(), title='shared')")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), w], cwd=ROOT,
+                              stderr=subprocess.PIPE, text=True) for w in ("a", "b")]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    runs = RunHistory(tmp_path).list()
+    titles = sorted(r.title for r in runs)
+    assert titles == sorted([f"{w}{i}" for w in "ab" for i in range(20)] + ["shared"])
+    assert len({r.id for r in runs}) == 41
+    for r in runs:
+        assert RunHistory(tmp_path).result(r)["image_ids"] == [7, 9]

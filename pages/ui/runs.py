@@ -63,6 +63,14 @@ def record(ws: Any, kind: str, params: Mapping[str, Any], result: Any, title: st
     return run.id
 
 
+def forget(run_id: int) -> None:
+    """Drop a deleted run from this session's record, so the result is kept again when it is
+    shown next (a new run)."""
+    seen: dict[str, int] = st.session_state.get(_SEEN, {})
+    for k in [k for k, v in seen.items() if v == run_id]:
+        del seen[k]
+
+
 def _deferred(make: Callable[[], bytes | str], what: str) -> Callable[[], bytes | str]:
     """Build the file only when the button is pressed; an error gives a short text file that
     says what went wrong instead of a broken download."""
