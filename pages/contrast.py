@@ -86,9 +86,9 @@ if pt is not None:
 st.subheader("Contrasted concepts")
 views.concept_grid(ws, lm, explanation, excl, "co")
 synthesis.synthesis_panel(ws, lm, explanation, "co")
-with st.expander("Show heatmaps of the contrasted concepts over the images of A"), \
-        errors.guard("drawing heatmaps"):
-    heatmaps.heatmap_view(ws, explanation, "co")
+if st.toggle("Show heatmaps of the contrasted concepts over the images of A", key="co_hm"):
+    with errors.guard("drawing heatmaps"):
+        heatmaps.heatmap_view(ws, explanation, "co")
 
 # ---- shifting test ---------------------------------------------------------------------------
 st.subheader("Shifting test")

@@ -79,6 +79,6 @@ views.concept_grid(ws, lm, explanation, excl, "ex")
 synthesis.synthesis_panel(ws, lm, explanation, "ex")
 
 st.subheader("Concept heatmaps over source images")
-with st.expander("Show heatmaps (NMF concept strength per pixel; ours, not the paper's)"):
+if st.toggle("Show heatmaps (NMF concept strength per pixel; ours, not the paper's)", key="ex_hm"):
     with errors.guard("drawing heatmaps"):
         heatmaps.heatmap_view(ws, explanation, "ex")

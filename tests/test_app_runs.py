@@ -5,10 +5,12 @@ the heatmap view's controls (concept, opacity, larger view) redraw what they say
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from explainer.runs import RunHistory
@@ -128,11 +130,23 @@ def test_runs_page_without_runs_says_how_to_make_one(app, demo_copy):
     assert any("No runs yet match these filters" in i.value for i in at.info)
 
 
+def _plotly_array(v) -> np.ndarray:
+    """A plotly JSON array: a list, or a typed array ``{dtype, bdata (base64), shape}``."""
+    if isinstance(v, dict):
+        import base64
+
+        shape = [int(x) for x in str(v.get("shape", "-1")).split(",")]
+        return np.frombuffer(base64.b64decode(v["bdata"]), dtype=v["dtype"]).reshape(shape)
+    return np.asarray(v)
+
+
 def test_heatmap_controls(app, demo_copy):
     from explainer.heatmap import strongest_images
     from explainer.runs import RunHistory
 
     at = _explain(app, 4)
+    assert not [c for im in at.image for c in im.captions if c.startswith("colour scale")]
+    at.toggle(key="ex_hm").set_value(True).run()  # drawn only when asked for
     caps = [c for im in at.image for c in im.captions]
     assert any(c.startswith("colour scale: 0 (dark)") for c in caps)
     overlays = [c for c in caps if c.startswith("max ")]
@@ -153,5 +167,16 @@ def test_heatmap_controls(app, demo_copy):
     at.selectbox(key="ex_hm_big").set_value(ranked[2][0]).run()
     big = [c for im in at.image for c in im.captions if c.endswith(" · concept 2")]
     assert big == [f"image {ranked[2][0]} · concept 2"]
+    # hovering the larger view reads every concept's strength per layer cell
+    fig = json.loads(at.get("plotly_chart")[0].proto.spec)
+    heat = [t for t in fig["data"] if t["type"] == "heatmap"][0]
+    j = expl.image_ids.index(ranked[2][0])
+    assert np.allclose(_plotly_array(heat["customdata"]), np.moveaxis(expl.heatmaps[j], 0, -1),
+                       atol=1e-5)
+    assert "concept 4: %{customdata[3]" in heat["hovertemplate"]
+    assert heat["opacity"] == pytest.approx(0.6)
     at.slider(key="ex_hm_opacity").set_value(0.2).run()
     assert not at.exception, at.exception
+    heat = [t for t in json.loads(at.get("plotly_chart")[0].proto.spec)["data"]
+            if t["type"] == "heatmap"][0]
+    assert heat["opacity"] == pytest.approx(0.2)

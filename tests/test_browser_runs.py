@@ -31,7 +31,12 @@ from tests.test_browser import (
 
 
 def _press_unless_stored(page, name: str) -> None:
+    """Press the page's run button once the page shows either it or a stored result's crops."""
+    from playwright.sync_api import expect
+
     button = page.get_by_role("button", name=name, exact=True)
+    crops = page.locator("[data-testid='stImageCaption']").filter(has_text=re.compile(r"^#\d+$"))
+    expect(button.or_(crops.first)).to_be_visible(timeout=T_LONG)
     if button.count():
         button.click()
 
@@ -65,6 +70,23 @@ def test_report_download_and_history_after_restart(demo_workspace, tmp_path):
                     has_text=re.compile(r"^#\d+$"))).to_have_count(32, timeout=T_LONG)
                 expect(page.get_by_text("run #1 in the run history")).to_be_visible()
                 _wait_idle(page)
+                # ---- heatmaps: a concept chosen, hovering the larger view reads the strengths ---
+                page.get_by_text("Show heatmaps (NMF").click()
+                expect(page.get_by_text(re.compile("^colour scale: 0"))).to_be_visible()
+                page.get_by_role("combobox", name="Highlight a concept").click()
+                page.get_by_role("option", name="concept 2", exact=True).click()
+                _wait_idle(page)
+                expect(page.locator("[data-testid='stImageCaption']").filter(
+                    has_text=re.compile(r"^1\. image \d+ · max "))).to_have_count(1)
+                chart = page.locator("[data-testid='stPlotlyChart']").first
+                chart.scroll_into_view_if_needed()
+                expect(chart.locator(".heatmaplayer")).to_have_count(1, timeout=60_000)
+                box = chart.locator(".nsewdrag").first.bounding_box()
+                assert box is not None
+                page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+                expect(chart.locator(".hoverlayer")).to_contain_text("concept 4:",
+                                                                     timeout=30_000)
+                _shot(page, "explain_heatmaps.png")
                 with page.expect_download(timeout=120_000) as dl:
                     page.get_by_role("button", name="HTML report").click()
                 dl.value.save_as(report)

@@ -71,7 +71,38 @@ def heatmap_view(ws: Any, explanation: Any, prefix: str) -> None:
     l2.image([hmap.overlay(img, hm[j, c], float(scales[c]), opacity, size=384) for c in shown],
              width=384 if len(shown) == 1 else 256,
              caption=[f"image {big} · concept {c + 1}" for c in shown])
+    focus = concept if concept != _ALL else int(np.argmax(hm[j].reshape(n, -1).max(axis=1)))
+    l2.plotly_chart(hover_figure(img, hm[j], scales, focus, opacity), key=f"{prefix}_hm_hover")
+    l2.caption(f"Hover: every concept's strength at that place (layer cell); colour: concept "
+               f"{focus + 1}" + (" (the strongest here)" if concept == _ALL else ""))
     strongest_panel(ws, explanation, prefix, concept)
+
+
+def hover_figure(img: np.ndarray, heat: np.ndarray, scales: np.ndarray, concept: int,
+                 opacity: float) -> Any:
+    """A plotly figure: the image with concept ``concept``'s heatmap ``heat[concept]`` over it
+    (``heat``: ``(n, h, w)`` of one image, one colour scale per concept); hovering a layer cell
+    shows the strength of every concept there."""
+    import plotly.graph_objects as go
+
+    from explainer.heatmap import COLORMAP
+
+    n, h, w = heat.shape
+    H, W = img.shape[:2]
+    anchors = np.linspace(0, 255, 9).astype(int)
+    scale = [[float(a) / 255, "rgb({},{},{})".format(*COLORMAP[a])] for a in anchors]
+    hover = "<br>".join(f"concept {k + 1}: %{{customdata[{k}]:.3f}}" for k in range(n))
+    fig = go.Figure(go.Image(z=img, hoverinfo="skip"))
+    fig.add_trace(go.Heatmap(
+        z=np.clip(heat[concept] / float(scales[concept]), 0, 1), zmin=0, zmax=1,
+        x=(np.arange(w) + 0.5) * W / w, y=(np.arange(h) + 0.5) * H / h,
+        customdata=np.moveaxis(heat, 0, -1), hovertemplate=hover + "<extra></extra>",
+        colorscale=scale, opacity=max(opacity, 0.05),
+        colorbar=dict(title=dict(text=f"concept {concept + 1}<br>/ its scale"))))
+    fig.update_layout(height=420, width=460, margin=dict(l=0, r=0, t=10, b=0))
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return fig
 
 
 def strongest_panel(ws: Any, explanation: Any, prefix: str, concept: int = _ALL) -> None:
@@ -98,4 +129,4 @@ def strongest_panel(ws: Any, explanation: Any, prefix: str, concept: int = _ALL)
         for rank, (image_id, peak) in enumerate(top):
             pics.append(upscale(image_pic(ws, image_id), 96))
             caps.append(f"{rank + 1}. image {image_id} · max {peak:.2f}")
-        st.image(pics, width=80, caption=caps)
+        st.image(pics, width=96, caption=caps)
