@@ -180,3 +180,25 @@ def test_heatmap_controls(app, demo_copy):
     heat = [t for t in json.loads(at.get("plotly_chart")[0].proto.spec)["data"]
             if t["type"] == "heatmap"][0]
     assert heat["opacity"] == pytest.approx(0.2)
+
+
+def test_runs_page_shows_test_runs_side_by_side(app, demo_copy):
+    from tests.test_runs import make_patch
+
+    hist = RunHistory(demo_copy)
+    a, _ = hist.record("patch", {"class_a": "lupo", "position": "center"}, make_patch(),
+                       title="patch center")
+    b, _ = hist.record("patch", {"class_a": "lupo", "position": "top-left"}, make_patch(),
+                       title="patch top-left")
+    at = app("pages/runs.py", ws="demo")
+    at.multiselect(key="ru_kinds").set_value(["patch"]).run()
+    at.selectbox(key="ru_left").set_value(a.id)
+    at.selectbox(key="ru_right").set_value(b.id).run()
+    assert not at.exception, at.exception
+    assert [e.value for e in at.error] == []
+    differs = dict(zip(at.dataframe[1].value["parameter"], at.dataframe[1].value["differs"]))
+    assert [k for k, v in differs.items() if v] == ["position"]
+    measures = [dict(zip(df.value["measure"], df.value["value"])) for df in at.dataframe[2:]]
+    assert len(measures) == 2
+    assert all(m["mean_delta_a"] == pytest.approx(0.3, abs=1e-6) for m in measures)
+    assert len(at.get("download_button")) == 4
