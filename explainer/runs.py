@@ -251,7 +251,7 @@ class RunHistory:
             row = con.execute(f"SELECT {self._COLS} FROM runs WHERE key = ?", [key]).fetchone()
         return None if row is None else self._row(row)
 
-    def list(self, kinds: list[str] | None = None, text: str = "", limit: int = 500) -> list[Run]:
+    def list_runs(self, kinds: list[str] | None = None, text: str = "", limit: int = 500) -> list[Run]:
         """The runs, newest first; ``kinds`` keeps those kinds, ``text`` those whose title
         contains it (case-insensitive)."""
         if not self.db_path.is_file():

@@ -24,7 +24,7 @@ kinds = f1.multiselect("Kinds", list(KINDS), key="ru_kinds", placeholder="all ki
 text = f2.text_input("Title contains", key="ru_text", placeholder="e.g. lupo, n=6, husko")
 runs: list = []
 with errors.guard("reading the run history"):
-    runs = hist.list(kinds=kinds or None, text=text)
+    runs = hist.list_runs(kinds=kinds or None, text=text)
 if not runs:
     st.info("No runs yet" + (" match these filters" if kinds or text.strip() else "")
             + ". Explain or contrast a class, or run a test on the Test bench: each result is "

@@ -70,18 +70,18 @@ def test_explain_is_kept_once_with_export_buttons(app, demo_copy):
     at.toggle(key="ex_excl").set_value(True).run()
     at.run()
     assert not at.exception, at.exception
-    runs = RunHistory(demo_copy).list(kinds=["explain"])
+    runs = RunHistory(demo_copy).list_runs(kinds=["explain"], text="lupo · n=4 ·")
     assert [r.title.split(" · ")[:2] for r in runs] == [["explain lupo", "n=4"]]
     # a new session (another browser tab) with the same result: still one run
     _explain(app, 4)
-    assert len(RunHistory(demo_copy).list(kinds=["explain"])) == 1
+    assert len(RunHistory(demo_copy).list_runs(kinds=["explain"], text="lupo · n=4 ·")) == 1
 
 
 def test_runs_page_lists_compares_and_deletes(app, demo_copy):
     _explain(app, 4)
     _explain(app, 3)
     hist = RunHistory(demo_copy)
-    runs = hist.list(kinds=["explain"])
+    runs = hist.list_runs(kinds=["explain"])
     assert len(runs) == 2
     at = app("pages/runs.py", ws="demo")
     table = at.dataframe[0].value
@@ -111,17 +111,17 @@ def test_runs_page_lists_compares_and_deletes(app, demo_copy):
     assert any("cannot be undone" in w.value for w in at.warning)
     at.button(key="ru_del_yes_l").click().run()
     assert not at.exception, at.exception
-    assert [r.id for r in hist.list(kinds=["explain"])] == [runs[1].id]
+    assert [r.id for r in hist.list_runs(kinds=["explain"])] == [runs[1].id]
     assert not (demo_copy / "runs" / runs[0].folder).exists()
     assert list(at.dataframe[0].value["run"]) == [
-        r.id for r in hist.list()]
+        r.id for r in hist.list_runs()]
     # back on the Explain page in the same session: the deleted result is kept again
     at.switch_page("pages/explain.py")
     at.query_params["n"] = "3"
     at.query_params["a"] = "lupo"
     at.run()
     assert not at.exception, at.exception
-    assert len(hist.list(kinds=["explain"], text="n=3")) == 1
+    assert len(hist.list_runs(kinds=["explain"], text="n=3")) == 1
 
 
 def test_runs_page_without_runs_says_how_to_make_one(app, demo_copy):
@@ -156,7 +156,7 @@ def test_heatmap_controls(app, demo_copy):
     # choosing concept 2 orders the images by its strength and keeps only its ranking panel
     at.selectbox(key="ex_hm_concept").set_value(1).run()
     assert not at.exception, at.exception
-    run = RunHistory(demo_copy).list(kinds=["explain"], text="n=4")[0]
+    run = RunHistory(demo_copy).list_runs(kinds=["explain"], text="n=4")[0]
     expl = RunHistory(demo_copy).result(run)
     ranked = strongest_images(expl.heatmaps, expl.image_ids, 1, 6)
     rows = [c for im in at.image for c in im.captions if re.fullmatch(r"image \d+", c)]

@@ -58,7 +58,7 @@ def make_patch() -> PatchTestResult:
 
 def test_record_once_list_filter_and_read_back(tmp_path):
     h = RunHistory(tmp_path)
-    assert h.list() == []
+    assert h.list_runs() == []
     p4 = {"class_a": 1, "n_concepts": 4, "exclude": False}
     run, new = h.record("explain", p4, make_explanation(4), title="lupo n=4")
     assert new and run.id == 1 and run.kind == "explain"
@@ -66,10 +66,10 @@ def test_record_once_list_filter_and_read_back(tmp_path):
     assert not new2 and again.id == run.id  # a rerun of the page records nothing new
     run6, _ = h.record("explain", {**p4, "n_concepts": 6}, make_explanation(6), title="lupo n=6")
     patch, _ = h.record("patch", {"a": 1, "b": 2}, make_patch(), title="patch lupo husko")
-    runs = h.list()
+    runs = h.list_runs()
     assert [r.id for r in runs] == [patch.id, run6.id, run.id]  # newest first
-    assert [r.id for r in h.list(kinds=["explain"])] == [run6.id, run.id]
-    assert [r.id for r in h.list(text="N=6")] == [run6.id]
+    assert [r.id for r in h.list_runs(kinds=["explain"])] == [run6.id, run.id]
+    assert [r.id for r in h.list_runs(text="N=6")] == [run6.id]
     assert run.summary["n_concepts"] == 4 and run.summary["prediction_test"]["passed"] is True
     assert run.summary["concepts"][0]["crops"] == [0, 1, 2, 3]
 
@@ -98,7 +98,7 @@ def test_delete_removes_row_and_folder(tmp_path):
     folder = tmp_path / "runs" / run.folder
     assert (folder / "explanation.json").is_file()
     assert h.delete(run.id) is True
-    assert not folder.exists() and h.list() == []
+    assert not folder.exists() and h.list_runs() == []
     assert h.delete(run.id) is False
     with pytest.raises(ExplorerError, match="no run"):
         h.get(run.id)
@@ -112,7 +112,7 @@ def test_history_survives_a_new_process_and_holds_no_pickle(tmp_path):
     h.record("explain", {"n": 4}, make_explanation(4), title="first")
     h.record("patch", {"a": 1}, make_patch(), title="second")
     code = ("import json, sys; from explainer.runs import RunHistory; h = RunHistory(sys.argv[1]);"
-            "rs = h.list(); r = h.result(rs[-1]);"
+            "rs = h.list_runs(); r = h.result(rs[-1]);"
             "print(json.dumps([[x.title for x in rs], r.n_concepts]))")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, check=True,
                          capture_output=True, text=True, timeout=120).stdout
@@ -142,13 +142,13 @@ def test_a_locked_history_gives_a_clear_message(tmp_path):
         runs.LOCK_WAIT_S = 0.5
         try:
             with pytest.raises(ExplorerError, match="in use by another process"):
-                h.list()
+                h.list_runs()
         finally:
             runs.LOCK_WAIT_S = old
     finally:
         holder.kill()
         holder.wait(timeout=30)
-    assert len(h.list()) == 1  # free again once the other process is gone
+    assert len(h.list_runs()) == 1  # free again once the other process is gone
 
 
 def test_a_missing_workspace_is_refused(tmp_path):
@@ -168,7 +168,7 @@ def test_two_processes_recording_at_once_keep_every_run(tmp_path):
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
-    runs = RunHistory(tmp_path).list()
+    runs = RunHistory(tmp_path).list_runs()
     titles = sorted(r.title for r in runs)
     assert titles == sorted([f"{w}{i}" for w in "ab" for i in range(20)] + ["shared"])
     assert len({r.id for r in runs}) == 41
