@@ -45,6 +45,7 @@ else:
                 icon=":material/compare_arrows:", url_path="contrast"),
         st.Page("pages/test_bench.py", title="Test bench", icon=":material/science:", url_path="test_bench"),
         st.Page("pages/study.py", title="Intruder study", icon=":material/search:", url_path="study"),
+        st.Page("pages/runs.py", title="Runs", icon=":material/history:", url_path="runs"),
     ], position="sidebar" if unlocked else "hidden")
     if unlocked:
         page.run()

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pages.ui import access, errors, pictures, resources, state, synthesis, views, widgets
+from pages.ui import access, errors, heatmaps, pictures, resources, state, synthesis, views, widgets
+from pages.ui import runs as runs_ui
 
 access.lead_page()
 
@@ -72,6 +73,12 @@ if clf is not None:
 state.init_widget("co_excl", state.bool_qp("excl"))
 excl = st.toggle("Exclude target-class crops", key="co_excl")
 state.set_qp(excl=int(excl))
+co_params = {**runs_ui.base_params(ws, layer), "class_a": names[a], "class_b": names[b],
+             "n_concepts": int(n), "method": method, "max_images": int(max_images),
+             "seed": int(seed), "m": 8}
+runs_ui.keep(ws, lm, cat, "contrast", co_params, explanation,
+             f"contrast {names[a]} vs {names[b]} · n={n} · {method} · {layer or ws.layer}",
+             exclude_target=excl, prefix="co")
 pt = explanation.prediction_test_excluded if excl else explanation.prediction_test
 st.subheader("Prediction test of the contrasted explanation")
 if pt is not None:
@@ -79,6 +86,9 @@ if pt is not None:
 st.subheader("Contrasted concepts")
 views.concept_grid(ws, lm, explanation, excl, "co")
 synthesis.synthesis_panel(ws, lm, explanation, "co")
+if st.toggle("Show heatmaps of the contrasted concepts over the images of A", key="co_hm"):
+    with errors.guard("drawing heatmaps"):
+        heatmaps.heatmap_view(ws, explanation, "co")
 
 # ---- shifting test ---------------------------------------------------------------------------
 st.subheader("Shifting test")
@@ -107,6 +117,8 @@ with errors.guard("running the shifting test"):
             pix = cat.image_pixels(ids_b, lm)
             shift = resources.results_store().put(skey, shift_test(
                 lm, layer, pix, clf.weight, int(a), int(b), SHIFT_OFFSETS, image_ids=ids_b))
+    runs_ui.record(ws, "shift", {**co_params, "shift_images": len(ids_b)}, shift,
+                   f"shift {names[b]} → {names[a]} · {len(ids_b)} images · n={n}")
     import plotly.graph_objects as go
 
     xs = [f"{t:g}" for t in shift.offsets]

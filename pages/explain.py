@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pages.ui import access, atlas, errors, resources, state, synthesis, views, widgets
+from pages.ui import access, atlas, errors, heatmaps, resources, state, synthesis, views, widgets
+from pages.ui import runs as runs_ui
 
 access.lead_page()
 
@@ -56,6 +57,11 @@ state.init_widget("ex_excl", state.bool_qp("excl"))
 excl = st.toggle("Exclude target-class crops (crop or source image predicted as the class)",
                  key="ex_excl")
 state.set_qp(excl=int(excl))
+runs_ui.keep(ws, lm, cat, "explain", {
+    **runs_ui.base_params(ws, layer), "class": names[cls], "n_concepts": int(n), "method": method,
+    "max_images": int(max_images), "seed": int(seed), "m": 8}, explanation,
+    f"explain {names[cls]} · n={n} · {method} · {layer or ws.layer}", exclude_target=excl,
+    prefix="ex")
 
 pt = explanation.prediction_test_excluded if excl else explanation.prediction_test
 st.subheader("Prediction test")
@@ -74,8 +80,6 @@ atlas.atlas_panel(ws, cat, lm, explanation, excl, "ex")
 synthesis.synthesis_panel(ws, lm, explanation, "ex")
 
 st.subheader("Concept heatmaps over source images")
-with st.expander("Show heatmaps (NMF concept strength per pixel; ours, not the paper's)"):
-    k = st.slider("Source images", 1, max(1, min(24, len(explanation.image_ids))),
-                  min(4, max(1, len(explanation.image_ids))), key="ex_hm_n")
+if st.toggle("Show heatmaps (NMF concept strength per pixel; ours, not the paper's)", key="ex_hm"):
     with errors.guard("drawing heatmaps"):
-        views.heatmaps(ws, lm, explanation, k)
+        heatmaps.heatmap_view(ws, explanation, "ex")

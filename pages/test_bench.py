@@ -12,6 +12,7 @@ import streamlit as st
 
 from explorer_core.errors import ExplorerError
 from pages.ui import access, errors, pictures, resources, views, widgets
+from pages.ui import runs as runs_ui
 
 access.lead_page()
 
@@ -75,6 +76,9 @@ with tab_stitch:
             from explainer.faithfulness import prediction_test
 
             pt = prediction_test(lm, cat, ids, int(target), exclude_target=False)
+            runs_ui.record(ws, "stitch", {**runs_ui.base_params(ws, None), "target": names[target],
+                                          "crop_ids": ids}, pt,
+                           f"stitch {names[target]} · crops {', '.join(map(str, ids[:6]))}")
             views.prediction_mark(pt, lm, explanation=False)
             probs_row = {"predicted": names[pt.predicted],
                          score(lm, "predicted" if not widgets.is_segmentation(lm)
@@ -158,6 +162,11 @@ with tab_patch:
             with st.spinner(f"Inserting into {len(ids_b)} images…"):
                 res = patch_insertion(lm, cat.image_pixels(ids_b, lm), patch, int(a), int(b),
                                       position=position, control=control, image_ids=ids_b)
+            runs_ui.record(ws, "patch", {
+                **runs_ui.base_params(ws, None), "class_a": names[a], "class_b": names[b],
+                "position": position, "control": control, "images": len(ids_b),
+                "source": source, "patch": runs_ui.digest(patch)}, res,
+                f"patch {names[a]} into {names[b]} · {position} · {control}")
             m = st.columns(3)
             delta = widgets.delta_label
             m[0].metric(f"mean {delta(lm, names[a])} patch", f"{res.mean_delta_a:+.3f}")

@@ -11,4 +11,6 @@ comes from ``explainer`` / ``data_index``):
 ``views``     shared renderers (prediction test verdict, concept crops, heatmaps, run-or-load)
 ``trust``     the user's own model code runs only after this browser session confirmed it
 ``synthesis`` concepts synthesised by optimisation beside their nearest crops, on demand
+``runs``      keep each result in the run history, export buttons, two runs side by side
+``heatmaps``  concept heatmaps with a colour scale, opacity, a concept chosen, a larger view
 """
