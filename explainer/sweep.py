@@ -44,7 +44,14 @@ from explorer_core.files import atomic_write_bytes, read_json, write_json
 from explorer_core.progress import Meter, ProgressFn
 
 from .attribution import METHODS
-from .concepts import MAX_CONCEPTS, ExplainContext, attribute_classes, explain_class, get_context
+from .concepts import (
+    MAX_CONCEPTS,
+    ExplainContext,
+    attribute_classes,
+    class_images,
+    explain_class,
+    get_context,
+)
 from .craft import craft_concepts, random_concepts
 from .evaluation import _select_classes
 
@@ -67,6 +74,9 @@ FIGURES = {
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _PNG_SIZE = (1100, 460)
 _FLUSH_S = 2.0  # rewrite results.csv at most this often (and after the last unit)
+IMAGES_PER_BLOCK = 1024
+"""Images attributed in one batched call (Lite0 ``bn2``: 1024 x 1280 x 7 x 7 float32 = 0.26
+GB of activations; a 28 x 28 layer of 240 channels: 0.77 GB)."""
 
 
 @dataclass(frozen=True)
@@ -294,6 +304,23 @@ def _unit_rows(ctx: ExplainContext, cls: int, setting: str, samples: int, ns: Se
     return rows
 
 
+def _blocks(ctx: ExplainContext, classes: Sequence[int], samples: int, seed: int
+            ) -> list[list[int]]:
+    """``classes`` in consecutive blocks of at most :data:`IMAGES_PER_BLOCK` images (a class
+    with more is a block of its own), so one batched attribution holds a bounded number of
+    activation maps (they go to the disk cache; the returned ones are dropped)."""
+    blocks: list[list[int]] = [[]]
+    held = 0
+    for cls in classes:
+        k = len(class_images(ctx, cls, samples, seed))
+        if blocks[-1] and held + k > IMAGES_PER_BLOCK:
+            blocks.append([])
+            held = 0
+        blocks[-1].append(cls)
+        held += k
+    return [b for b in blocks if b]
+
+
 def _key(r: dict[str, Any]) -> tuple:
     return (r["class"], r["layer"], r["n"], r["samples"], r["method"], r["condition"])
 
@@ -357,11 +384,12 @@ def run_sweep(ws_or_ctx: Any, spec: SweepSpec, out: str | Path, *, device: str =
             # one batched attribution for every class still to do at this (layer, samples, method)
             pending = [c for (la, ss, st, c) in todo[i:] if (la, ss, st) == (layer, s, setting)]
             t = time.perf_counter()
-            try:
-                attribute_classes(ctx, pending, method=setting, max_images=s, seed=spec.seed,
-                                  cache=True, progress=progress)
-            except ExplorerError:
-                pass  # each class then reports its own error in its rows
+            for block in _blocks(ctx, pending, s, spec.seed):
+                try:  # in blocks of classes: the attributions held at once stay bounded
+                    attribute_classes(ctx, block, method=setting, max_images=s, seed=spec.seed,
+                                      cache=True, progress=progress)
+                except ExplorerError:
+                    pass  # each class then reports its own error in its rows
             timings["attribution"] += time.perf_counter() - t
             attributed.add((layer, s, setting))
         t = time.perf_counter()

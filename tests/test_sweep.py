@@ -230,3 +230,16 @@ def test_the_command_runs_a_small_sweep(multilayer_workspace, tmp_path):
                "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
     assert "Layer 'nope' is not in the catalog" in bad.stderr
+
+
+def test_attribution_runs_in_bounded_blocks_of_classes(multilayer_workspace, monkeypatch):
+    from explainer.concepts import class_images
+
+    ctx = get_context(multilayer_workspace, "cpu")
+    classes = sorted(ctx.catalog.predicted_counts())
+    monkeypatch.setattr(sweep_mod, "IMAGES_PER_BLOCK", 20)
+    blocks = sweep_mod._blocks(ctx, classes, 8, 0)
+    assert [c for b in blocks for c in b] == classes and len(blocks) > 1
+    for b in blocks:
+        held = sum(len(class_images(ctx, c, 8, 0)) for c in b)
+        assert held <= 20 or len(b) == 1
