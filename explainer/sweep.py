@@ -72,7 +72,7 @@ FIGURES = {
     "table67_methods_by_layer": "Tables 6/7: methods x layers",
 }
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_PNG_SIZE = (1100, 460)
+_PNG_SIZE = (1100, 560)
 _FLUSH_S = 2.0  # rewrite results.csv at most this often (and after the last unit)
 IMAGES_PER_BLOCK = 1024
 """Images attributed in one batched call (Lite0 ``bn2``: 1024 x 1280 x 7 x 7 float32 = 0.26
@@ -486,7 +486,12 @@ def sweep_figures(result: SweepResult) -> dict[str, Any]:
     many = len(layers) > 1
     palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2",
                "#17becf", "#bcbd22", "#7f7f7f"]
-    dashes = {"craft": "dash", "random": "dot"}
+    # several layers: one colour per layer (early to late), one line style and marker per
+    # method; one layer: one colour per method
+    dashes = {"deeplift": "solid", "grad_x_act": "dashdot", "deeplift_smoothgrad": "longdash",
+              "craft": "dash", "random": "dot"}
+    symbols = {"deeplift": "circle", "grad_x_act": "square", "deeplift_smoothgrad": "diamond",
+               "craft": "x", "random": "cross"}
 
     def lines(cond: str, x: str, fixed: dict[str, int], title: str) -> Any:
         fig = make_subplots(rows=1, cols=2, subplot_titles=("mean P(target)", "hit rate "
@@ -500,15 +505,15 @@ def sweep_figures(result: SweepResult) -> dict[str, Any]:
                              and all(r[k] == v for k, v in fixed.items()))
                 if not pts:
                     continue
-                color = palette[(li * len(methods) + mi) % len(palette)] if many else \
-                    palette[mi % len(palette)]
+                color = palette[(li if many else mi) % len(palette)]
                 name = _label(layer, method, many)
                 style = dict(color=color, dash=dashes.get(method, "solid"))
+                marker = dict(symbol=symbols.get(method, "circle"), size=7)
                 xs = [p[0] for p in pts]
                 for col, ys in ((1, [p[1] for p in pts]), (2, [p[2] for p in pts])):
                     fig.add_trace(go.Scatter(
                         x=xs, y=ys, mode="lines+markers", name=name, legendgroup=name,
-                        showlegend=col == 1, line=style,
+                        showlegend=col == 1, line=style, marker=marker,
                         customdata=[p[3] for p in pts],
                         hovertemplate=f"{name}<br>{x}=%{{x}}<br>%{{y:.3f}} "
                                       "(%{customdata} classes)<extra></extra>"), row=1, col=col)
@@ -516,8 +521,9 @@ def sweep_figures(result: SweepResult) -> dict[str, Any]:
         fig.update_xaxes(title_text=x, type="category" if x == "samples" else "linear",
                          tickvals=ticks)
         fig.update_yaxes(range=[-0.02, 1.02])
-        fig.update_layout(title=title, height=460, width=1100, template="plotly_white",
-                          legend=dict(font=dict(size=10)))
+        fig.update_layout(title=title, height=560, width=1100, template="plotly_white",
+                          legend=dict(font=dict(size=10), orientation="h", yanchor="top",
+                                      y=-0.18, xanchor="left", x=0))
         return fig
 
     figs = {
@@ -543,7 +549,7 @@ def sweep_figures(result: SweepResult) -> dict[str, Any]:
                 textposition="outside"), row=1, col=col)
     fig.update_yaxes(title_text="mean P(target) (label: P / hit rate)", range=[0, 1.15], col=1)
     fig.update_layout(title=f"{FIGURES['table67_methods_by_layer']} (n = {n_mid}, samples "
-                            f"{top_s})", barmode="group", height=460, width=1100,
+                            f"{top_s})", barmode="group", height=560, width=1100,
                       template="plotly_white")
     figs["table67_methods_by_layer"] = fig
     return figs
