@@ -44,6 +44,8 @@ else:
         st.Page("pages/contrast.py", title="Contrast two classes",
                 icon=":material/compare_arrows:", url_path="contrast"),
         st.Page("pages/test_bench.py", title="Test bench", icon=":material/science:", url_path="test_bench"),
+        st.Page("pages/evaluate.py", title="Evaluate (sweeps)", icon=":material/monitoring:",
+                url_path="evaluate"),
         st.Page("pages/study.py", title="Intruder study", icon=":material/search:", url_path="study"),
         st.Page("pages/runs.py", title="Runs", icon=":material/history:", url_path="runs"),
     ], position="sidebar" if unlocked else "hidden")

@@ -18,8 +18,8 @@ from typing import Callable, NoReturn
 from data_index.workspace import resolve_workspace
 from explorer_core.errors import ExplorerError
 
-__all__ = ["CliParser", "SEED_MAX", "class_list", "int_range", "output_file", "output_folder",
-           "positive_int", "seed", "workspace_arg"]
+__all__ = ["CliParser", "SEED_MAX", "choice_list", "class_list", "int_list", "int_range",
+           "name_list", "output_file", "output_folder", "positive_int", "seed", "workspace_arg"]
 
 SEED_MAX = 2**32 - 1  # numpy and scikit-learn take seeds in 0..2**32-1
 _INT64_MAX = 2**63 - 1
@@ -63,6 +63,57 @@ def class_list(text: str) -> list[str]:
     if not items:
         raise argparse.ArgumentTypeError("give at least one class name or index, "
                                          "comma-separated")
+    return items
+
+
+def int_list(lo: int, hi: int | None = None) -> Callable[[str], list[int]]:
+    """An argparse type: ``1,2,4``, comma-separated integers in ``lo..hi``, each once, in the
+    given order."""
+    one = int_range(lo, hi)
+
+    def parse(text: str) -> list[int]:
+        items = [c.strip() for c in text.split(",") if c.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError("give at least one whole number, comma-separated")
+        values = [one(c) for c in items]
+        if len(set(values)) < len(values):
+            raise argparse.ArgumentTypeError(f"'{text}' names a value twice")
+        return values
+
+    parse.__name__ = "integer list"
+    return parse
+
+
+def choice_list(choices: tuple[str, ...] | list[str], *, allow_empty: bool = False
+                ) -> Callable[[str], list[str]]:
+    """An argparse type: comma-separated names out of ``choices``, each once (``""`` or
+    ``none``: the empty list when ``allow_empty``)."""
+
+    def parse(text: str) -> list[str]:
+        items = [c.strip() for c in text.split(",") if c.strip()]
+        if allow_empty and (not items or items == ["none"]):
+            return []
+        if not items:
+            raise argparse.ArgumentTypeError(f"give at least one of {', '.join(choices)}")
+        bad = [c for c in items if c not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(repr(b) for b in bad)}; use "
+                                             f"{', '.join(choices)} (comma-separated)")
+        if len(set(items)) < len(items):
+            raise argparse.ArgumentTypeError(f"'{text}' names a value twice")
+        return items
+
+    parse.__name__ = "choice list"
+    return parse
+
+
+def name_list(text: str) -> list[str]:
+    """``a,b,c``: non-empty comma-separated names (e.g. layers), each once."""
+    items = [c.strip() for c in text.split(",") if c.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("give at least one name, comma-separated")
+    if len(set(items)) < len(items):
+        raise argparse.ArgumentTypeError(f"'{text}' names a value twice")
     return items
 
 

@@ -1,5 +1,5 @@
-"""Command line: ``python -m explainer {explain, contrast, synthesize, evaluate, precompute,
-export} ... [--layer L]``.
+"""Command line: ``python -m explainer {explain, contrast, synthesize, evaluate, sweep,
+precompute, export} ... [--layer L]``.
 
 User errors (:class:`ExplorerError`) print ``error: <message>`` on stderr and exit 2, without a
 traceback. Progress bars go to stderr.
@@ -20,8 +20,11 @@ from explorer_core.trust import user_code_allowed
 
 from .args import (
     CliParser,
+    choice_list,
     class_list,
+    int_list,
     int_range,
+    name_list,
     output_file,
     output_folder,
     positive_int,
@@ -113,9 +116,74 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--device", default="auto")
     _layer_arg(sh)
     sh.add_argument("--out", required=True, type=output_folder)
+    _add_sweep(sub)
     _add_precompute(sub)
     _add_export(sub)
     return ap
+
+
+def _add_sweep(sub: Any) -> None:
+    sw = sub.add_parser("sweep", help="the paper's sweeps: layers x n x samples x methods, with "
+                        "the CRAFT and random baselines (resumable)")
+    sw.add_argument("--workspace", required=True, type=workspace_arg,
+                    help="workspace name or folder")
+    sw.add_argument("--layers", type=name_list, default=None,
+                    help="comma-separated catalog layers (default: the default layer)")
+    sw.add_argument("--n", type=int_list(1, 10), default=[1, 2, 4, 6, 8, 10],
+                    help="numbers of concepts, comma-separated, each in 1..10 (default "
+                         "1,2,4,6,8,10)")
+    sw.add_argument("--samples", type=int_list(1), default=[500],
+                    help="images per class, comma-separated, each >= 1 (default 500)")
+    sw.add_argument("--methods", type=choice_list(METHODS, allow_empty=True),
+                    default=["deeplift", "grad_x_act"],
+                    help=f"attribution methods of ours, comma-separated, out of "
+                         f"{', '.join(METHODS)}, or none (default deeplift,grad_x_act)")
+    sw.add_argument("--baselines", type=choice_list(("craft", "random"), allow_empty=True),
+                    default=["craft", "random"],
+                    help="baselines, comma-separated, out of craft, random, or none (default "
+                         "both)")
+    g = sw.add_mutually_exclusive_group()
+    g.add_argument("--classes", type=class_list, default=None,
+                   help="comma-separated class names or indices")
+    g.add_argument("--limit", type=positive_int, default=None,
+                   help="a seeded choice of this many classes (>= 1) among those with at least "
+                        "--min-images predicted images")
+    sw.add_argument("--min-images", type=positive_int, default=3,
+                    help="classes with at least this many predicted images (default 3)")
+    sw.add_argument("--seed", type=seed, default=0, help="0..2**32-1")
+    sw.add_argument("--solver", default="sklearn", choices=["sklearn", "torch"])
+    sw.add_argument("--clamp", action="store_true",
+                    help="clamp negative activations (layers with negative outputs)")
+    sw.add_argument("--no-png", action="store_true", help="figures as HTML only")
+    sw.add_argument("--device", default="auto")
+    sw.add_argument("--out", required=True, type=output_folder,
+                    help="output folder (new, or an earlier sweep's: its rows are kept and "
+                         "skipped)")
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    from explainer.sweep import SweepSpec, run_sweep
+
+    spec = SweepSpec(layers=tuple(args.layers or ()), n=tuple(args.n),
+                     samples=tuple(args.samples), methods=tuple(args.methods),
+                     baselines=tuple(args.baselines),
+                     classes=tuple(args.classes) if args.classes else None, limit=args.limit,
+                     min_images=args.min_images, seed=args.seed, solver=args.solver,
+                     clamp=args.clamp)
+    spec.check()
+    with ProgressBar("sweep") as cb:
+        res = run_sweep(open_workspace(args.workspace), spec, args.out, device=args.device,
+                        progress=cb, png=not args.no_png)
+    for w in res.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    print(f"wrote {args.out}: {len(res.rows)} rows over {len(res.record['classes'])} classes "
+          f"(results.csv, results.parquet, summary.csv, figures)")
+    print("layer | n | samples | method | condition | mean P(target) | hit rate")
+    for r in res.summary:
+        if r["mean_prob"] is not None:
+            print(f"{r['layer']} | {r['n']} | {r['samples']} | {r['method']} | "
+                  f"{r['condition']} | {r['mean_prob']:.3f} | {r['hit_rate']:.0%}")
+    return 0
 
 
 METHODS = ["deeplift", "grad_x_act", "deeplift_smoothgrad"]
@@ -264,6 +332,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         return _run_precompute(args)
     if args.cmd == "export":
         return _run_export(args)
+    if args.cmd == "sweep":
+        return _run_sweep(args)
     from explainer.concepts import explain_class, get_context
 
     if args.cmd == "synthesize":

@@ -546,12 +546,13 @@ def cached_explanation(ws_or_ctx: Any, class_a: int | str, class_b: int | str | 
                        *, n_concepts: int = 4, method: str = "deeplift", variant: str = "paper",
                        max_images: int = 500, seed: int = 0, m: int = 8,
                        solver: str = "sklearn", clamp: bool = False, epochs: int = 100,
-                       lr: float = 0.01, device: str | torch.device = "auto"
-                       ) -> Explanation | None:
+                       lr: float = 0.01, device: str | torch.device = "auto",
+                       layer: str | None = None) -> Explanation | None:
     """The stored explanation of class A (or of A contrasted against B, with the paper's SGD
-    classifier) for these parameters, or None; computes nothing. The parameters and defaults
-    are those of :func:`~explainer.concepts.explain_class` / ``contrast_classes``."""
-    ctx = get_context(ws_or_ctx, device)
+    classifier) for these parameters at ``layer`` (default: the context's), or None; computes
+    nothing. The parameters and defaults are those of
+    :func:`~explainer.concepts.explain_class` / ``contrast_classes``."""
+    ctx = get_context(ws_or_ctx, device, layer)
     a = resolve_class(ctx.lm, class_a)
     settings: dict[str, Any] = dict(n_concepts=n_concepts, method=method, variant=variant,
                     max_images=max_images, seed=seed, m=m, solver=solver, clamp=clamp)
@@ -568,9 +569,11 @@ def has_precomputed_classifier(ws_or_ctx: Any, class_a: int | str, class_b: int 
                                method: str = "deeplift", variant: str = "paper",
                                max_images: int = 500, seed: int = 0, epochs: int = 100,
                                lr: float = 0.01, clamp: bool = False,
-                               device: str | torch.device = "auto") -> bool:
-    """Whether the A-vs-B classifier (either direction) is stored by a precompute."""
-    ctx = get_context(ws_or_ctx, device)
+                               device: str | torch.device = "auto",
+                               layer: str | None = None) -> bool:
+    """Whether the A-vs-B classifier (either direction) at ``layer`` (default: the context's)
+    is stored by a precompute."""
+    ctx = get_context(ws_or_ctx, device, layer)
     lo, hi = sorted((resolve_class(ctx.lm, class_a), resolve_class(ctx.lm, class_b)))
     pc = fetch_pair_classifiers(ctx, lo, method=method, variant=variant, max_images=max_images,
                                 seed=seed, epochs=epochs, lr=lr, clamp=clamp)
@@ -591,8 +594,12 @@ def _day(iso: str) -> str:
 def precomputed_note(ws_or_ctx: Any, expl: Explanation, device: str | torch.device = "auto"
                      ) -> str | None:
     """A line for the user when ``expl`` (or its contrast classifier) was stored by a
-    precompute: ``precomputed on <date> by `python -m explainer precompute```; else None."""
-    ctx = get_context(ws_or_ctx, device)
+    precompute at ``expl``'s layer: ``precomputed on <date> by `python -m explainer
+    precompute```; else None."""
+    try:
+        ctx = get_context(ws_or_ctx, device, expl.layer or None)
+    except ExplorerError:  # a layer the catalog does not have
+        return None
     p = expl.params
     try:
         params = run_params(ctx, n_concepts=int(p["n"]), method=str(p["method"]),

@@ -41,14 +41,14 @@ def _stored():
     from explainer.precompute import cached_explanation
 
     return cached_explanation(ws, int(a), int(b), n_concepts=int(n), method=method,
-                              max_images=int(max_images), seed=int(seed), m=8)
+                              max_images=int(max_images), seed=int(seed), m=8, layer=layer)
 
 
 def _classifier_stored() -> bool:
     from explainer.precompute import has_precomputed_classifier
 
     return has_precomputed_classifier(ws, int(a), int(b), method=method,
-                                      max_images=int(max_images), seed=int(seed))
+                                      max_images=int(max_images), seed=int(seed), layer=layer)
 
 
 explanation = views.run_or_load(

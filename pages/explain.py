@@ -41,7 +41,7 @@ def _stored():
     from explainer.precompute import cached_explanation
 
     return cached_explanation(ws, int(cls), n_concepts=int(n), method=method,
-                              max_images=int(max_images), seed=int(seed), m=8)
+                              max_images=int(max_images), seed=int(seed), m=8, layer=layer)
 
 
 explanation = views.run_or_load(
