@@ -10,7 +10,7 @@ from pathlib import Path
 import streamlit as st
 
 from explorer_core.errors import ExplorerError
-from pages.ui import access, errors, progress, resources, state, trust, widgets
+from pages.ui import access, errors, jobs, resources, state, trust, widgets
 
 access.lead_page()
 
@@ -33,19 +33,55 @@ name = col_ws.selectbox("Workspace", names, key="home_ws",
 if name != state.qp("ws"):
     # another workspace: forget the classes of the previous one
     state.set_qp(ws=name, a=None, b=None)
+state.scope_to_workspace(name)
 
 
-def _build(ws) -> None:
+def _n_files(ws) -> int:
+    """Image files the build will read (0 when the folder cannot be listed)."""
+    from data_index.datasets import ImageFolder
+
+    try:
+        return len(ImageFolder(ws.images_path))
+    except (ExplorerError, OSError):
+        return 0
+
+
+def _stop_building() -> None:
+    st.session_state.pop("building", None)  # a cancelled build is not resumed by itself
+
+
+def _build(ws, container=None) -> bool:
+    """Build (or resume) the catalog with a progress bar and a Cancel button where the user
+    started it (``container``); True when it completed. The message of a completed build is
+    kept for the next run (``home_built``)."""
     from data_index.catalog import build_catalog
 
     st.session_state["building"] = str(ws.root)
-    prog = progress.ProgressBar(f"Building the catalog of '{ws.name}'")
-    stats = build_catalog(ws, progress=prog)
-    prog.done()
+    n = _n_files(ws)
+    job = jobs.Job(f"Building the catalog of '{ws.name}'", "home_job", container=container,
+                   on_cancel=_stop_building, kind="build", model=f"{ws.model}/{ws.mode}",
+                   units=n)
+    try:
+        stats = build_catalog(ws, progress=job)
+        job.finished()
+    finally:
+        job.done()
     st.session_state.pop("building", None)
-    st.success(f"Catalog complete: {stats.n_images} images, {stats.n_crops} crops, "
-               f"{stats.n_skipped} skipped ({stats.seconds:.0f}s"
-               f"{', resumed ' + str(stats.chunks_resumed) + ' chunks' if stats.chunks_resumed else ''}).")
+    st.session_state["home_built"] = (
+        str(ws.root), f"Catalog complete: {stats.n_images} images, {stats.n_crops} crops, "
+        f"{stats.n_skipped} skipped ({stats.seconds:.0f}s"
+        f"{', resumed ' + str(stats.chunks_resumed) + ' chunks' if stats.chunks_resumed else ''}"
+        ").")
+    return True
+
+
+def _build_estimate(ws) -> None:
+    n = _n_files(ws)
+    guess = jobs.estimate("build", f"{ws.model}/{ws.mode}", n) if n else None
+    st.caption(f":material/schedule: {guess}" if guess else
+               f":material/schedule: {n} image files to index"
+               + (" (no build measured on this server yet: the rate and ETA show once it runs)"
+                  if n else ""))
 
 
 def _status(ws) -> None:
@@ -125,14 +161,29 @@ def _show(name: str) -> None:
         complete = True
     except ExplorerError as err:
         complete = False
-        st.warning(f"{err}", icon=":material/build:")
+        missing = err
     if not complete:
         resume = st.session_state.get("building") == str(ws.root)
-        if resume:
-            st.info("Resuming the catalog build you started (it continues where it stopped).")
-        if resume or st.button("Build / resume the catalog", type="primary", key="home_build"):
-            _build(ws)
-            complete = True
+        notes = st.empty()  # what is said about the unfinished catalog: gone once it is built
+        with notes.container():
+            if jobs.was_cancelled("home_job"):
+                st.warning("Build cancelled. What was indexed is saved: **Build / resume** "
+                           "continues where it stopped.", icon=":material/cancel:")
+            elif resume:
+                st.info("Resuming the catalog build you started (it continues where it "
+                        "stopped).")
+            else:
+                st.warning(f"{missing}", icon=":material/build:")
+            if not resume:
+                _build_estimate(ws)
+            pressed = not resume and st.button("Build / resume the catalog", type="primary",
+                                               key="home_build")
+        if resume or pressed:
+            notes.empty()
+            complete = _build(ws)
+    done = st.session_state.pop("home_built", None)
+    if done is not None and done[0] == str(ws.root):
+        st.success(done[1], icon=":material/check_circle:")
     if complete:
         _status(ws)
 
@@ -192,7 +243,10 @@ with st.expander("Create a workspace", expanded=False):
                              "of one forward (faster)")
     seed = c2.number_input("Seed", 0, 2**31 - 1, 0, key="new_seed")
     device = c3.selectbox("Device", ["auto", "cpu", "cuda"], key="new_device")
-    if st.button("Create workspace and build its catalog", key="new_create", type="primary"):
+    create_pressed = st.button("Create workspace and build its catalog", key="new_create",
+                               type="primary")
+    create_slot = st.container()
+    if create_pressed:
         with errors.guard("creating the workspace"):
             from data_index.workspace import Workspace
 
@@ -212,6 +266,8 @@ with st.expander("Create a workspace", expanded=False):
                                   crop_size=int(crop_size), stride=int(stride),
                                   storage=storage)
             state.set_qp(ws=ws.name, a=None, b=None)
-            st.session_state["building"] = str(ws.root)
             st.session_state.pop("home_ws", None)
+            # built here, under the button the user pressed (a page left mid-build resumes it
+            # at the top of the Workspace page)
+            _build(ws, container=create_slot)
             st.rerun()
