@@ -75,6 +75,25 @@ def _build(ws, container=None) -> bool:
     return True
 
 
+def _open_when_free(ws, wait_s: float = 5.0) -> None:
+    """Open the catalog; while the workspace is 'in use' (a build cancelled a moment ago is
+    still closing its files), retry for up to ``wait_s`` seconds before saying so."""
+    import time
+
+    t_end = time.monotonic() + wait_s
+    while True:
+        try:
+            resources.open_catalog(ws)
+            return
+        except ExplorerError as err:
+            if "is in use" not in str(err) or time.monotonic() >= t_end:
+                if "is in use" in str(err):
+                    raise ExplorerError(f"{err} If you just cancelled a build, reload the page "
+                                        "in a few seconds.") from None
+                raise
+            time.sleep(0.25)
+
+
 def _build_estimate(ws) -> None:
     n = _n_files(ws)
     guess = jobs.estimate("build", f"{ws.model}/{ws.mode}", n) if n else None
@@ -157,7 +176,7 @@ def _show(name: str) -> None:
     if not trust.confirm(ws.model, "home_trust"):
         return  # its model runs a user's file: nothing is built or loaded before the OK
     try:
-        resources.open_catalog(ws)
+        _open_when_free(ws)
         complete = True
     except ExplorerError as err:
         complete = False
