@@ -138,3 +138,21 @@ def test_home_after_a_cancel_offers_the_resume(tmp_path, images, monkeypatch):
     done = [s.value for s in at.success]
     assert any(s.startswith("Catalog complete: 20 images, 180 crops") for s in done), done
     assert int({m.label: m.value for m in at.metric}["Images"]) == 20
+
+
+def test_study_creation_progress_moves_within_each_class(tmp_path, images):
+    from data_index.catalog import Catalog, build_catalog
+    from study import intruder as S
+
+    ws = _ws(tmp_path / "st", images)
+    build_catalog(ws, device="cpu", batch_size=4)
+    counts = Catalog.open(ws).predicted_counts()
+    classes = [c for c, _ in sorted(counts.items(), key=lambda kv: -kv[1])][:2]
+    seen = []
+    S.create_study(ws, classes, n_concepts=2, trials_per_participant=2, max_images=8,
+                   progress=seen.append)
+    inner = [p for p in seen if p.stage.startswith("class ")]
+    assert {p.stage.split(" · ")[0] for p in inner} == {"class 1/2", "class 2/2"}
+    assert any(p.unit == "images" and 0 < p.done <= p.total for p in inner), \
+        [(p.stage, p.done, p.total, p.unit) for p in inner]
+    S.close_all()
