@@ -116,9 +116,9 @@ with tab_stitch:
                                          if choices else "none yet: run Explain or Contrast"),
                             help="Run Explain or Contrast first to fill this list")
     if picked:
-        st.caption("The stitch list (crops sent with **+** under any crop land here): use one as "
-                   "the patch with **⧉**.")
-        cols = st.columns(min(8, len(picked)))
+        st.caption(f"The stitch list (crops sent with {bench_send.STITCH} under any crop land "
+                   f"here); {bench_send.PATCH} makes one the patch.")
+        cols = st.columns(8)
         for j, pid in enumerate(picked):
             with cols[j % len(cols)]:
                 with errors.guard("drawing a crop"):

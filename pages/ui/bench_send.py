@@ -44,18 +44,22 @@ def set_patch(ws_name: str, crop_id: int) -> None:
     st.session_state.pop("tb_patch_crop_typed", None)
 
 
+STITCH, STITCHED = ":material/playlist_add:", ":material/playlist_add_check:"
+PATCH, PATCHED = ":material/picture_in_picture:", ":material/task_alt:"
+
+
 def send_buttons(ws_name: str, crop_id: int, *, key: str) -> None:
     """Two small buttons under a crop: add it to the Test bench's stitch list, or make it the
     patch. One click each; the Test bench shows them when opened."""
     s = bench_state(ws_name)
     c1, c2 = st.columns(2, gap="small")
     inside = int(crop_id) in s["stitch"]
-    c1.button("✓" if inside else "+", key=f"{key}_stitch", on_click=add_to_stitch,
-              args=(ws_name, int(crop_id)), disabled=inside,
+    c1.button("", icon=STITCHED if inside else STITCH, key=f"{key}_stitch",
+              on_click=add_to_stitch, args=(ws_name, int(crop_id)), disabled=inside,
               help=(f"Crop {crop_id} is in the Test bench's stitch list" if inside else
                     f"Add crop {crop_id} to the Test bench's stitched image"))
     is_patch = s["patch"] == int(crop_id)
-    c2.button("◼" if is_patch else "⧉", key=f"{key}_patch", on_click=set_patch,
+    c2.button("", icon=PATCHED if is_patch else PATCH, key=f"{key}_patch", on_click=set_patch,
               args=(ws_name, int(crop_id)), disabled=is_patch,
               help=(f"Crop {crop_id} is the Test bench's patch" if is_patch else
                     f"Use crop {crop_id} as the Test bench's patch"))

@@ -1,0 +1,133 @@
+"""Point, don't type, in a real headless Chromium (issue 12): on the demo, one click under a
+concept crop sends it to the Test bench's stitch list and another makes it the patch; the bench
+shows and stitches it; a box drawn on a catalog image becomes the region (the numeric fields
+follow); a click on the preview places the patch there.
+
+Needs Debian's ``chromium`` (see tests/test_browser.py); screenshots go to
+``artifacts/screenshots/``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.test_browser import (  # skips this module too when chromium is absent (not in CI)
+    CHROME_ARGS,
+    CHROMIUM,
+    KEY,
+    SHOTS,
+    T_LONG,
+    Server,
+    _free_port,
+    _shot,
+    _shot_on_failure,
+    _wait_idle,
+)
+
+IFRAME = "iframe[title='streamlit_image_coordinates.streamlit_image_coordinates']"
+
+
+def _crop_ids(page) -> list[int]:
+    return [int(t[1:]) for t in page.locator("[data-testid='stImageCaption']").filter(
+        has_text=re.compile(r"^#\d+$")).all_inner_texts()]
+
+
+def _field(page, label: str) -> int:
+    return int(page.get_by_label(label, exact=True).input_value())
+
+
+def _img_box(page, nth: int) -> dict:
+    """Page coordinates of the picture inside the ``nth`` image component."""
+    frame = page.frame_locator(IFRAME).nth(nth)
+    img = frame.locator("img")
+    img.wait_for(state="visible", timeout=120_000)
+    box = img.bounding_box()
+    assert box and box["width"] > 50, box
+    return box
+
+
+@pytest.mark.timeout(1200)
+def test_browser_send_draw_place(demo_workspace, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    server = Server(demo_workspace.root.parent, _free_port(), tmp_path / "streamlit.log")
+    server.start()
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROME_ARGS,
+                                        headless=True)
+            page = browser.new_page(viewport={"width": 1500, "height": 1100})
+            page.set_default_timeout(120_000)
+            with _shot_on_failure(page, "failure_ux.png"):
+                page.goto(f"{server.url}/explain?ws=demo&a=lupo&b=husko&n=4&key={KEY}")
+                expect(page.get_by_role("heading", name="Explain a class")).to_be_visible(
+                    timeout=T_LONG)
+                _wait_idle(page, T_LONG)
+                run = page.get_by_role("button", name="Explain", exact=True)
+                if run.count():
+                    run.click()
+                expect(page.locator("[data-testid='stImageCaption']").filter(
+                    has_text=re.compile(r"^#\d+$"))).to_have_count(32, timeout=T_LONG)
+                _wait_idle(page)
+                first = _crop_ids(page)[0]
+                # ---- one click: into the stitch list; another: the patch ---------------------
+                key = f".st-key-ex_send_0_{first}"  # the buttons under the first crop
+                page.locator(f"{key}_stitch button").first.click()
+                _wait_idle(page)
+                expect(page.locator(f"{key}_stitch button").first).to_be_disabled()
+                page.locator(f"{key}_patch button").first.click()
+                _wait_idle(page)
+                expect(page.locator(f"{key}_patch button").first).to_be_disabled()
+                _shot(page, "ux_explain_send.png")
+                nav = page.locator("[data-testid='stSidebarNav']")
+                nav.get_by_text("Test bench", exact=True).click()
+                _wait_idle(page, T_LONG)
+                expect(page.locator("[data-testid='stException']")).to_have_count(0)
+                expect(page.get_by_text(re.compile(
+                    r"the stitched crops are classified as")).first).to_be_visible()
+                assert f"#{first}" in page.locator(
+                    "[data-testid='stImageCaption']").all_inner_texts()
+                _shot(page, "ux_bench_stitch.png")
+                # ---- the patch arrived; place it by clicking the preview ---------------------
+                page.get_by_role("tab", name="Patch insertion").click()
+                _wait_idle(page)
+                expect(page.get_by_text(re.compile(r"^patch 64x64$"))).to_be_visible()
+                box = _img_box(page, 0)
+                # the preview shows a 96 px image at 3x: click at image pixel (40, 30)
+                f = box["width"] / 96
+                page.mouse.click(box["x"] + 40 * f, box["y"] + 30 * f)
+                _wait_idle(page)
+                expect(page.get_by_label("x (left)", exact=True)).to_be_visible()
+                # the 64 px patch centred on (40, 30), moved inside the 96 px image
+                assert (_field(page, "x (left)"), _field(page, "y (top)")) == (8, 0)
+                expect(page.get_by_text("Box (8, 0, 72, 64)")).to_be_visible()
+                _shot(page, "ux_bench_place.png")
+                # ---- draw a region on a catalog image ----------------------------------------
+                page.get_by_text("region of a catalog image", exact=True).click()
+                _wait_idle(page)
+                box = _img_box(page, 0)
+                f = box["width"] / 96
+                page.mouse.move(box["x"] + 50 * f, box["y"] + 40 * f)
+                page.mouse.down()
+                page.mouse.move(box["x"] + 30 * f, box["y"] + 30 * f, steps=4)
+                page.mouse.move(box["x"] + 10 * f, box["y"] + 10 * f, steps=4)
+                page.mouse.up()
+                _wait_idle(page)
+                page.wait_for_function(
+                    "() => [...document.querySelectorAll('input')].some(i => "
+                    "i.getAttribute('aria-label') === 'x1' && i.value !== '32')",
+                    timeout=60_000)
+                got = [_field(page, k) for k in ("x0", "y0", "x1", "y1")]
+                assert all(abs(g - e) <= 1 for g, e in zip(got, (10, 10, 50, 40))), got
+                expect(page.get_by_text(re.compile(r"Region \(1[01], 1[01], (49|50|51), "
+                                                   r"(39|40|41)\)"))).to_be_visible()
+                expect(page.get_by_text(re.compile(r"^patch 80x60$|^patch 8[0-2]x(5[8-9]|6[0-2])$"))
+                       ).to_be_visible()
+                expect(page.locator("[data-testid='stException']")).to_have_count(0)
+                _shot(page, "ux_bench_region.png")
+            browser.close()
+    finally:
+        server.kill()
