@@ -131,3 +131,57 @@ def test_browser_send_draw_place(demo_workspace, tmp_path):
             browser.close()
     finally:
         server.kill()
+
+
+@pytest.mark.timeout(900)
+def test_browser_cancel_a_build_and_resume(demo_workspace, tmp_path):
+    """Workspace page: the estimate before the build, the bar under the button with images/s
+    and ETA, Cancel mid-build (Streamlit stops the run at the next report), then Build / resume
+    continues from the saved chunk to a complete catalog."""
+    from conftest import copy_demo_images
+    from playwright.sync_api import expect, sync_playwright
+
+    from data_index.workspace import Workspace
+    from explorer_core.demo_cnn import DEMO_INPUT_SIZE, DEMO_LAYER
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    home = tmp_path / "home"
+    images = copy_demo_images(demo_workspace, tmp_path / "images", 120)  # 1200: 5 chunks
+    Workspace.create(home / "big", model="demo", layer=DEMO_LAYER, images=str(images),
+                     input_size=DEMO_INPUT_SIZE, device="cpu")
+    server = Server(home, _free_port(), tmp_path / "streamlit.log")
+    server.start()
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROME_ARGS,
+                                        headless=True)
+            page = browser.new_page(viewport={"width": 1500, "height": 1100})
+            page.set_default_timeout(120_000)
+            with _shot_on_failure(page, "failure_ux_cancel.png"):
+                page.goto(f"{server.url}/?ws=big&key={KEY}")
+                expect(page.get_by_text("1200 image files to index")).to_be_visible(
+                    timeout=T_LONG)
+                _wait_idle(page)
+                page.get_by_role("button", name="Build / resume the catalog").click()
+                bar = page.locator("[data-testid='stProgress']")
+                # past the first saved chunk (256 images), with a rate and an ETA
+                expect(bar).to_contain_text(re.compile(
+                    r"index: (2[6-9]\d|[3-9]\d\d|10\d\d)/1200 images, [\d.]+ images/s, ETA"),
+                    timeout=120_000)
+                _shot(page, "ux_build_running.png")
+                page.get_by_role("button", name="Cancel", exact=True).click()
+                expect(page.get_by_text("Build cancelled")).to_be_visible(timeout=60_000)
+                _wait_idle(page)
+                expect(bar).to_have_count(0)
+                expect(page.locator("[data-testid='stException']")).to_have_count(0)
+                _shot(page, "ux_build_cancelled.png")
+                page.get_by_role("button", name="Build / resume the catalog").click()
+                expect(page.get_by_text(re.compile(
+                    r"Catalog complete: 1200 images, 10800 crops, 0 skipped \(\d+s, resumed "
+                    r"[1-4] chunks\)"))).to_be_visible(timeout=T_LONG)
+                _wait_idle(page)
+                expect(page.get_by_text("Build cancelled")).to_have_count(0)
+                _shot(page, "ux_build_resumed.png")
+            browser.close()
+    finally:
+        server.kill()
