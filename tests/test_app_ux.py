@@ -358,3 +358,15 @@ def test_demo_patch_insertion_default_size_moves_p_lupo_clearly(demo_workspace):
     assert d2.mean() > 3 * d1.mean()
     assert tuple(tile_patch(crop, 2).shape) == (3, 2 * crop.shape[1], 2 * crop.shape[2])
     assert np.isfinite(d1).all()
+
+
+def test_stale_description_names_what_differs():
+    from pages.ui.views import stale_description
+
+    old = ("explain", "root", "v1", "demo", "layer4", 0, 4, "deeplift", 500, 0, 8)
+    assert stale_description(old, old[:6] + (6,) + old[7:]) == "n=4"
+    assert stale_description(old, old[:5] + (1, 6) + old[7:]) == "another class, n=4"
+    new = old[:4] + ("layer3",) + old[5:9] + (2, 8)
+    assert stale_description(old, new) == "layer=layer4, seed=0"
+    co = ("contrast", "r", "v", "demo", "l", 0, 1, 4, "deeplift", 500, 0, 8)
+    assert stale_description(co, co[:6] + (2,) + co[7:]) == "another class B"

@@ -179,10 +179,10 @@ def run_or_load(key: tuple, prefix: str, button: str, what: str, compute: Callab
         prev_key = st.session_state.get(last_key)
         prev = (results_store().get(prev_key) if prev_key is not None and prev_key != key
                 and tuple(prev_key[:3]) == tuple(key[:3]) else None)
-        if prev is None:
+        if prev is None or prev_key is None:
             st.info(hint)
             st.stop()
-        _stale_note(prev, button)
+        _stale_note(stale_description(tuple(prev_key), key), button)
         return prev
     st.session_state[last_key] = key
     set_qp(run=1)
@@ -191,9 +191,26 @@ def run_or_load(key: tuple, prefix: str, button: str, what: str, compute: Callab
     return result
 
 
-def _stale_note(prev: Any, button: str) -> None:
+_PARAM_NAMES = {"explain": ("class", "n", "method", "images", "seed", "m"),
+                "contrast": ("class A", "class B", "n", "method", "images", "seed", "m")}
+
+
+def stale_description(prev_key: tuple, key: tuple) -> str:
+    """What the previous result was computed with, where it differs from the current settings
+    (keys of :func:`~pages.ui.resources.result_key`): ``n=4``, ``layer=l3, seed=1``; a class
+    that differs reads ``another class``."""
+    names = ("model", "layer", *_PARAM_NAMES.get(str(key[0]), ()))
+    out = []
+    for i, (old, new) in enumerate(zip(prev_key[3:], key[3:])):
+        if old == new:
+            continue
+        name = names[i] if i < len(names) else f"setting {i}"
+        out.append(f"another {name}" if name.startswith("class") else f"{name}={old}")
+    return ", ".join(out) or "other settings"
+
+
+def _stale_note(what: str, button: str) -> None:
     """Say that the shown result is the previous one, and grey its pictures and charts."""
-    what = f"n={prev.n_concepts}" if hasattr(prev, "n_concepts") else "the previous settings"
     st.caption(f":material/history: Showing the previous result for {what} (greyed); press "
                f"**{button}** for the current settings.")
     st.markdown("<style>[data-testid='stMain'] [data-testid='stImage'] img,"
