@@ -370,3 +370,36 @@ def test_stale_description_names_what_differs():
     assert stale_description(old, new) == "layer=layer4, seed=0"
     co = ("contrast", "r", "v", "demo", "l", 0, 1, 4, "deeplift", 500, 0, 8)
     assert stale_description(co, co[:6] + (2,) + co[7:]) == "another class B"
+
+
+def test_stitch_list_is_bounded_and_kept_per_workspace():
+    from streamlit.testing.v1 import AppTest
+
+    def page():
+        import streamlit as st
+
+        from pages.ui import bench_send
+
+        for c in range(70):
+            bench_send.add_to_stitch("w1", c)
+        bench_send.add_to_stitch("w1", 69)  # once only
+        bench_send.set_patch("w2", 5)
+        st.write(repr(bench_send.bench_state("w1")["stitch"]))
+        st.write(repr(bench_send.bench_state("w2")))
+
+    at = AppTest.from_function(page, default_timeout=60).run()
+    assert not at.exception, at.exception
+    assert at.markdown[0].value == repr(list(range(6, 70)))
+    assert at.markdown[1].value == repr({"stitch": [], "patch": 5})
+
+
+def test_patch_size_default_is_1x_on_demo_seg(demo_seg_workspace, monkeypatch):
+    monkeypatch.setenv("CONCEPT_EXPLORER_HOME", str(demo_seg_workspace.root.parent))
+    monkeypatch.delenv("CONCEPT_EXPLORER_LEAD_KEY", raising=False)
+    at = _app(ws="demo-seg", a="lupo", b="husko")
+    at.switch_page("pages/test_bench.py").run()
+    at.text_input(key="tb_patch_crop_typed").input("4").run()
+    assert not at.exception, at.exception
+    assert at.radio(key="tb_tile").value == "1x"
+    assert [c for im in at.image for c in im.captions if c.startswith("patch ")] == [
+        "patch 32x32"]

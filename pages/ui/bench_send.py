@@ -30,11 +30,15 @@ def bench_state(ws_name: str) -> dict[str, Any]:
     return all_ws.setdefault(str(ws_name), {"stitch": [], "patch": None})
 
 
+MAX_STITCH = 64  # crops in one stitched image (a column of crops: taller is not readable)
+
+
 def add_to_stitch(ws_name: str, crop_id: int) -> None:
-    """Append ``crop_id`` to the stitch list (once)."""
+    """Append ``crop_id`` to the stitch list (once; the oldest leaves beyond MAX_STITCH)."""
     s = bench_state(ws_name)
     if int(crop_id) not in s["stitch"]:
         s["stitch"].append(int(crop_id))
+        del s["stitch"][:-MAX_STITCH]
 
 
 def set_patch(ws_name: str, crop_id: int) -> None:
