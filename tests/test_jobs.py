@@ -81,9 +81,16 @@ def test_job_view_cancels_estimates_and_leaves_nothing():
         from explorer_core.progress import Progress
         from pages.ui import errors, jobs
 
-        jobs.record_rate("ex", "demo", 100, 4.0)  # 25 images/s measured before
+        jobs.record_rate("ex", "demo", 25.0)  # 25 images/s measured before
         st.caption(jobs.estimate("ex", "demo", 500) or "none")
         st.caption(jobs.estimate("ex", "other-model", 500) or "none")
+        # a finished job leaves the rate of its image stage (not of its cached 'done' report)
+        first = jobs.Job("Explaining husko", "t_first", kind="ex2", model="demo")
+        first(Progress("attribution", 20, 40, "images", 8.0, 2.5))
+        first(Progress("done", 40, 40, "images", 100.0, 0.0))
+        first.finished()
+        first.done()
+        st.caption(jobs.estimate("ex2", "demo", 80) or "none")
         job = jobs.Job("Explaining lupo", "t_job")
         job(Progress("attribution", 10, 40, "images", 5.0, 6.0))
         st.caption(job.text(Progress("attribution", 10, 40, "images", 5.0, 6.0)))
@@ -99,9 +106,10 @@ def test_job_view_cancels_estimates_and_leaves_nothing():
     at = AppTest.from_function(page, default_timeout=60).run()
     assert not at.exception, at.exception
     caps = [c.value for c in at.caption]
-    assert caps[0] == "about 20 s for 500 images (25 images/s measured on this server)"
+    assert caps[0] == "up to about 20 s for 500 images (25 images/s measured on this server)"
     assert caps[1] == "none"
-    assert caps[2].startswith("Explaining lupo — attribution: 10/40 images, 5 images/s, "
+    assert caps[2] == "up to about 10 s for 80 images (8 images/s measured on this server)"
+    assert caps[3].startswith("Explaining lupo — attribution: 10/40 images, 5 images/s, "
                               "ETA 6 s · ")
     assert [e.value for e in at.error] == [
         "Explaining lupo cancelled; what was saved is kept, start it again to resume"]

@@ -19,8 +19,9 @@ import streamlit as st
 from explorer_core.errors import Cancelled
 from explorer_core.progress import Progress
 
-# Measured throughput per (job kind, model), whole jobs (units / wall seconds), this server:
-# the estimate shown before the next job of that kind. One float per kind and model: bounded.
+# Measured throughput per (job kind, model) on this server: the rate of the stage that
+# processes images (a build's forward passes, an explanation's attributions), the estimate shown
+# before the next job of that kind. One float per kind and model, at most _MAX_RATES: bounded.
 _RATES: dict[tuple[str, str], float] = {}
 _MAX_RATES = 256
 
@@ -35,21 +36,22 @@ def duration(s: float) -> str:
     return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
-def record_rate(kind: str, model: str, units: float, seconds: float) -> None:
-    """Remember a finished job's throughput (``units`` in ``seconds``)."""
-    if units > 0 and seconds > 0:
+def record_rate(kind: str, model: str, rate: float) -> None:
+    """Remember the images/s a job of ``kind`` on ``model`` reached."""
+    if rate > 0:
         if len(_RATES) >= _MAX_RATES and (kind, model) not in _RATES:
             _RATES.pop(next(iter(_RATES)))
-        _RATES[(kind, model)] = units / seconds
+        _RATES[(kind, model)] = float(rate)
 
 
 def estimate(kind: str, model: str, units: float, unit: str = "images") -> str | None:
-    """"about 40 s for 500 images (12.5 images/s measured here)", or None before any job of
-    this kind and model finished on this server."""
+    """"up to about 40 s for 500 images (12.5 images/s measured on this server)", or None
+    before a job of this kind and model processed images here. 'Up to': parts stored in the
+    workspace's cache (a class's attributions, a build's saved chunks) are not done again."""
     rate = _RATES.get((kind, model))
     if not rate or units <= 0:
         return None
-    return (f"about {duration(units / rate)} for {units:g} {unit} ({rate:.3g} {unit}/s "
+    return (f"up to about {duration(units / rate)} for {units:g} {unit} ({rate:.3g} {unit}/s "
             "measured on this server)")
 
 
@@ -74,6 +76,7 @@ class Job:
         self.kind, self.model, self.units = kind, model, float(units)
         self.t0 = time.perf_counter()
         self.last: Progress | None = None
+        self.rate = 0.0
         st.session_state.pop(cancel_flag(key), None)
         self.slot = (container or st).empty()
         with self.slot.container():
@@ -97,12 +100,14 @@ class Job:
             raise Cancelled(f"{self.title} cancelled; what was saved is kept, start it again "
                             "to resume")
         self.last = p
+        if p.unit == "images" and p.rate > 0 and p.stage != "done":
+            self.rate = p.rate  # the image stage's own rate (Meter), not cache hits
         self.bar.progress(p.fraction, text=self.text(p))
 
     def finished(self) -> None:
-        """The job completed: remember its throughput for the next estimate."""
-        if self.kind and self.units > 0:
-            record_rate(self.kind, self.model, self.units, time.perf_counter() - self.t0)
+        """The job completed: remember its image rate for the next estimate."""
+        if self.kind and self.rate > 0:
+            record_rate(self.kind, self.model, self.rate)
 
     def done(self) -> None:
         self.slot.empty()
