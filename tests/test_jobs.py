@@ -164,3 +164,36 @@ def test_study_creation_progress_moves_within_each_class(tmp_path, images):
     assert any(p.unit == "images" and 0 < p.done <= p.total for p in inner), \
         [(p.stage, p.done, p.total, p.unit) for p in inner]
     S.close_all()
+
+
+def test_run_or_load_after_a_cancel_says_so_and_waits_for_the_button():
+    """A cancelled explanation (its Cancel click marks ``<prefix>_job_cancelled``) is not
+    started again by itself, not even where the page would compute at once (a stored
+    classifier); the button stays."""
+    from streamlit.testing.v1 import AppTest
+
+    def page():
+        import streamlit as st
+
+        from pages.ui import views
+
+        calls = st.session_state.setdefault("calls", [])
+
+        def compute(progress):
+            calls.append(1)
+            return None
+
+        views.run_or_load(("contrast", "r", "v", 1), "co", "Contrast", "contrasting a and b",
+                          compute, "press Contrast", compute_now=lambda: True)
+
+    at = AppTest.from_function(page, default_timeout=60)
+    at.session_state["co_job_cancelled"] = True
+    at.run()
+    assert not at.exception, at.exception
+    assert [w.value for w in at.warning] == [
+        "Cancelled contrasting a and b; press **Contrast** to start again (parts already "
+        "computed are cached and reused)."]
+    assert at.session_state["calls"] == []
+    assert "co_run" in [b.key for b in at.button]
+    at.run()  # the mark is consumed: the next run computes as before (stored classifier)
+    assert at.session_state["calls"] == [1]
