@@ -219,6 +219,13 @@ with tab_patch:
         q1, q2 = st.columns(2)
         where = (int(q1.number_input("x (left)", 0, lm.input_size, key="tb_px")),
                  int(q2.number_input("y (top)", 0, lm.input_size, key="tb_py")))
+        if patch is not None:  # a larger patch than when clicked: kept inside the image
+            fit = (min(where[0], lm.input_size - int(patch.shape[2])),
+                   min(where[1], lm.input_size - int(patch.shape[1])))
+            if fit != where:
+                st.caption(f"Moved to {fit} so that the {patch.shape[2]}x{patch.shape[1]} "
+                           "patch stays inside the image.")
+                where = (max(0, fit[0]), max(0, fit[1]))
     preview_ids = cat.images_predicted_as(int(b))[:1]
     if patch is not None and preview_ids:
         with errors.guard("drawing the preview"):

@@ -403,3 +403,24 @@ def test_patch_size_default_is_1x_on_demo_seg(demo_seg_workspace, monkeypatch):
     assert at.radio(key="tb_tile").value == "1x"
     assert [c for im in at.image for c in im.captions if c.startswith("patch ")] == [
         "patch 32x32"]
+
+
+def test_bench_click_on_preview_places_the_patch_and_keeps_it_inside(demo_ws):
+    """The preview component's click (its value, as the browser sends it) sets the position
+    fields; a later, larger patch is moved inside the image."""
+    at = _app(ws="demo", a="lupo", b="husko")
+    at.switch_page("pages/test_bench.py").run()
+    at.text_input(key="tb_patch_crop_typed").input("4").run()
+    at.session_state["tb_place"] = {"x": 285, "y": 150, "width": 288, "height": 288,
+                                    "unix_time": 1}
+    at.run()
+    assert not at.exception, at.exception
+    assert at.selectbox(key="tb_pos").value == "at x, y (click the preview)"
+    # 64 px patch (32 px crop tiled) centred on (95, 50), moved inside the 96 px image
+    assert (at.number_input(key="tb_px").value, at.number_input(key="tb_py").value) == (32, 18)
+    assert "Box (32, 18, 96, 82)" in _captions(at)
+    at.number_input(key="tb_px").set_value(90).run()
+    assert "Moved to (32, 18)" in _captions(at)
+    at.button(key="tb_run").click().run()
+    assert not at.exception and not _errors(at), _errors(at)
+    assert any(m.label.startswith("mean ΔP(lupo) patch") for m in at.metric)
