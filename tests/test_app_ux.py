@@ -424,3 +424,21 @@ def test_bench_click_on_preview_places_the_patch_and_keeps_it_inside(demo_ws):
     at.button(key="tb_run").click().run()
     assert not at.exception and not _errors(at), _errors(at)
     assert any(m.label.startswith("mean ΔP(lupo) patch") for m in at.metric)
+
+
+def test_bench_box_drawn_on_the_image_fills_the_region_fields(demo_ws):
+    at = _app(ws="demo", a="lupo", b="husko")
+    at.switch_page("pages/test_bench.py").run()
+    at.radio(key="tb_source").set_value("region of a catalog image").run()
+    at.session_state["tb_region_draw"] = {"x1": 150, "y1": 120, "x2": 30, "y2": 30,
+                                          "width": 288, "height": 288, "unix_time": 7}
+    at.run()
+    assert not at.exception, at.exception
+    got = [at.number_input(key=k).value for k in ("tb_x0", "tb_y0", "tb_x1", "tb_y1")]
+    assert got == [10, 10, 50, 40]
+    assert "Region (10, 10, 50, 40)" in _captions(at)
+    # the fields refine the drawn box (the same drag is not applied again)
+    at.number_input(key="tb_x1").set_value(44).run()
+    assert "Region (10, 10, 44, 40)" in _captions(at)
+    assert [c for im in at.image for c in im.captions if c.startswith("patch ")] == [
+        "patch 68x60"]
