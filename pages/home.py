@@ -198,8 +198,12 @@ def _show(name: str) -> None:
             pressed = not resume and st.button("Build / resume the catalog", type="primary",
                                                key="home_build")
         if resume or pressed:
-            notes.empty()
-            complete = _build(ws)
+            if pressed:
+                notes.empty()  # the bar takes the button's place
+            try:  # a resume keeps its note above the bar while it runs
+                complete = _build(ws)
+            finally:
+                notes.empty()
     done = st.session_state.pop("home_built", None)
     if done is not None and done[0] == str(ws.root):
         st.success(done[1], icon=":material/check_circle:")

@@ -197,3 +197,27 @@ def test_run_or_load_after_a_cancel_says_so_and_waits_for_the_button():
     assert "co_run" in [b.key for b in at.button]
     at.run()  # the mark is consumed: the next run computes as before (stored classifier)
     assert at.session_state["calls"] == [1]
+
+
+def test_home_resumes_a_build_left_mid_way_and_leaves_no_note(tmp_path, images, monkeypatch):
+    """The user left the page while their build ran (``building`` in the session): coming back
+    resumes it, and once complete no 'Resuming' or 'no catalog' note is left above the result."""
+    from streamlit.testing.v1 import AppTest
+
+    from data_index.catalog import build_catalog
+
+    home = tmp_path / "home"
+    ws = _ws(home / "left", images)
+    with pytest.raises(Cancelled):
+        build_catalog(ws, device="cpu", batch_size=2, progress=_cancel_at_first_index)
+    monkeypatch.setenv("CONCEPT_EXPLORER_HOME", str(home))
+    monkeypatch.delenv("CONCEPT_EXPLORER_LEAD_KEY", raising=False)
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=600)
+    at.query_params["ws"] = "left"
+    at.session_state["building"] = str(ws.root)
+    at.run()
+    assert not at.exception, at.exception
+    assert any(s.value.startswith("Catalog complete: 20 images") for s in at.success)
+    assert not at.info and not at.warning, ([i.value for i in at.info],
+                                            [w.value for w in at.warning])
+    assert not at.get("progress") and "building" not in at.session_state
