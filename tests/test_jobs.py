@@ -221,3 +221,18 @@ def test_home_resumes_a_build_left_mid_way_and_leaves_no_note(tmp_path, images, 
     assert not at.info and not at.warning, ([i.value for i in at.info],
                                             [w.value for w in at.warning])
     assert not at.get("progress") and "building" not in at.session_state
+
+
+@pytest.mark.timeout(900)
+def test_first_start_builds_the_demo_and_leaves_no_preparing_note(tmp_path, monkeypatch):
+    """First start (an empty workspace home): the Workspace page builds the demo with its note
+    and bar, and once built neither stays (about 15 s on two CPU cores)."""
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("CONCEPT_EXPLORER_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("CONCEPT_EXPLORER_LEAD_KEY", raising=False)
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=900).run()
+    assert not at.exception, at.exception
+    assert not any("Preparing" in i.value for i in at.info), [i.value for i in at.info]
+    assert not at.warning and not at.get("progress")
+    assert int({m.label: m.value for m in at.metric}["Images"]) == 1200
