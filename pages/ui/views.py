@@ -214,7 +214,8 @@ def _stale_note(what: str, button: str) -> None:
     st.caption(f":material/history: Showing the previous result for {what} (greyed); press "
                f"**{button}** for the current settings.")
     st.markdown("<style>[data-testid='stMain'] [data-testid='stImage'] img,"
-                "[data-testid='stMain'] .stPlotlyChart{opacity:.4;filter:grayscale(1)}</style>",
+                "[data-testid='stMain'] .stPlotlyChart,[data-testid='stMain'] "
+                "[data-testid='stAlert']{opacity:.4;filter:grayscale(1)}</style>",
                 unsafe_allow_html=True)
 
 
