@@ -36,14 +36,20 @@ if name != state.qp("ws"):
 state.scope_to_workspace(name)
 
 
-def _n_files(ws) -> int:
-    """Image files the build will read (0 when the folder cannot be listed)."""
+@st.cache_data(show_spinner=False, ttl=120, max_entries=16)
+def _count_files(folder: str) -> int:
     from data_index.datasets import ImageFolder
 
     try:
-        return len(ImageFolder(ws.images_path))
+        return len(ImageFolder(folder))
     except (ExplorerError, OSError):
         return 0
+
+
+def _n_files(ws) -> int:
+    """Image files the build will read (0 when the folder cannot be listed); one listing per
+    folder and two minutes, not one per rerun of the page."""
+    return _count_files(str(ws.images_path))
 
 
 def _stop_building() -> None:
@@ -64,6 +70,9 @@ def _build(ws, container=None) -> bool:
     try:
         stats = build_catalog(ws, progress=job)
         job.finished()
+    except Exception:
+        _stop_building()  # a failed build is not retried on every visit; the button stays
+        raise
     finally:
         job.done()
     st.session_state.pop("building", None)

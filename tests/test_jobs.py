@@ -236,3 +236,25 @@ def test_first_start_builds_the_demo_and_leaves_no_preparing_note(tmp_path, monk
     assert not any("Preparing" in i.value for i in at.info), [i.value for i in at.info]
     assert not at.warning and not at.get("progress")
     assert int({m.label: m.value for m in at.metric}["Images"]) == 1200
+
+
+def test_a_failed_resume_is_not_retried_on_every_visit(tmp_path, images, monkeypatch):
+    import shutil as sh
+
+    from streamlit.testing.v1 import AppTest
+
+    home = tmp_path / "home"
+    gone = sh.copytree(images, tmp_path / "gone")
+    ws = _ws(home / "broken", gone)
+    sh.rmtree(gone)  # the image folder disappeared after the workspace was created
+    monkeypatch.setenv("CONCEPT_EXPLORER_HOME", str(home))
+    monkeypatch.delenv("CONCEPT_EXPLORER_LEAD_KEY", raising=False)
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=600)
+    at.query_params["ws"] = "broken"
+    at.session_state["building"] = str(ws.root)
+    at.run()
+    assert not at.exception, at.exception
+    assert len(at.error) == 1 and "bug" not in at.error[0].value, [e.value for e in at.error]
+    assert "building" not in at.session_state and not at.get("progress")
+    at.run()  # the next visit: the button, not another failing build
+    assert not at.error and "home_build" in [b.key for b in at.button]
