@@ -179,8 +179,11 @@ def _precomputed(ws) -> None:
 def _show(name: str) -> None:
     from data_index.workspace import workspace_from_url
 
+    # one slot whether or not the demo is being built, so the page keeps its structure and
+    # the 'Create a workspace' expander below keeps its open state across reruns
+    prep = st.empty()
     if resources.is_embedded(name) and not resources.demo_ready(name):
-        resources.ensure_demo(name=name)
+        resources.ensure_demo(container=prep, name=name)
     ws = workspace_from_url(name)  # a name from the URL: never a folder path
     if not trust.confirm(ws.model, "home_trust"):
         return  # its model runs a user's file: nothing is built or loaded before the OK
@@ -214,8 +217,9 @@ def _show(name: str) -> None:
             finally:
                 notes.empty()
     done = st.session_state.pop("home_built", None)
+    built = st.empty()  # always there (see prep above); the message shows once
     if done is not None and done[0] == str(ws.root):
-        st.success(done[1], icon=":material/check_circle:")
+        built.success(done[1], icon=":material/check_circle:")
     if complete:
         _status(ws)
 
@@ -258,14 +262,24 @@ with st.expander("Create a workspace", expanded=False):
                                   format_func=lambda n: labels.get(n, n), key="new_layers")
     images = st.text_input("Image folder", key="new_images", placeholder="/data/photos")
     size0 = lm.input_size if lm is not None else 224
+    grid_for = spec.strip() if lm is not None else None
+    if st.session_state.get("_new_grid_for", "") != grid_for:
+        # the crop grid's defaults follow the model (its input size, a 3x3 grid) until edited
+        st.session_state.update(new_image_size=size0, new_crop_size=max(1, size0 // 3),
+                                new_stride=max(1, size0 // 3), _new_grid_for=grid_for)
+
+    def _grid_follows_size() -> None:
+        third = max(1, int(st.session_state["new_image_size"]) // 3)
+        st.session_state.update(new_crop_size=third, new_stride=third)
+
     g1, g2, g3, g4 = st.columns(4)
-    image_size = g1.number_input("Image size (px)", 8, 16384, size0, key="new_image_size",
+    image_size = g1.number_input("Image size (px)", 8, 16384, key="new_image_size",
+                                 on_change=_grid_follows_size,
                                  help="images are resized and center-cropped to this side "
                                       "(default: the model input)")
-    crop_size = g2.number_input("Crop size (px)", 1, 16384, max(1, int(image_size) // 3),
-                                key="new_crop_size",
+    crop_size = g2.number_input("Crop size (px)", 1, 16384, key="new_crop_size",
                                 help="default: a third of the image (the paper's 3x3 grid)")
-    stride = g3.number_input("Stride (px)", 1, 16384, int(crop_size), key="new_stride",
+    stride = g3.number_input("Stride (px)", 1, 16384, key="new_stride",
                              help="pixels between crops; smaller than the crop: overlap")
     storage = g4.selectbox("Storage", ["float16", "float32"], key="new_storage",
                            help="embedding storage on disk; float16 halves it")

@@ -442,3 +442,19 @@ def test_bench_box_drawn_on_the_image_fills_the_region_fields(demo_ws):
     assert "Region (10, 10, 44, 40)" in _captions(at)
     assert [c for im in at.image for c in im.captions if c.startswith("patch ")] == [
         "patch 68x60"]
+
+
+def test_create_form_crop_grid_follows_the_model(small):
+    """The form's image size, crop size and stride follow the model spec (demo: 96 / 32 / 32),
+    not the 224 px shown before a model was given; the crop grid follows an edited size."""
+    at = _app(ws="small-b").run()
+    assert at.number_input(key="new_image_size").value == 224
+    at.text_input(key="new_spec").input("demo").run()
+    assert not at.exception, at.exception
+    assert [at.number_input(key=k).value for k in ("new_image_size", "new_crop_size",
+                                                   "new_stride")] == [96, 32, 32]
+    at.number_input(key="new_image_size").set_value(120).run()
+    assert [at.number_input(key=k).value for k in ("new_crop_size", "new_stride")] == [40, 40]
+    at.number_input(key="new_stride").set_value(20).run()
+    assert at.number_input(key="new_stride").value == 20  # an edit stays
+    assert not at.warning, [w.value for w in at.warning]

@@ -217,3 +217,66 @@ def test_browser_cancel_a_build_and_resume(demo_workspace, tmp_path):
             browser.close()
     finally:
         server.kill()
+
+
+@pytest.mark.timeout(900)
+def test_browser_form_build_shows_its_bar_under_the_create_button(demo_workspace, tmp_path):
+    """Create a workspace from the form: the build's bar (rate, ETA, Cancel) appears under the
+    button the user pressed, not at the top of the page; afterwards only the result shows."""
+    from conftest import copy_demo_images
+    from playwright.sync_api import expect, sync_playwright
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    home = tmp_path / "home"
+    images = copy_demo_images(demo_workspace, tmp_path / "images", 120)
+    # the page opens on another (complete) workspace of the home
+    demo_link = home / "demo"
+    home.mkdir()
+    server = Server(home, _free_port(), tmp_path / "streamlit.log")
+    server.start()
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROME_ARGS,
+                                        headless=True)
+            page = browser.new_page(viewport={"width": 1500, "height": 1100})
+            page.set_default_timeout(120_000)
+            with _shot_on_failure(page, "failure_ux_form.png"):
+                page.goto(f"{server.url}/?key={KEY}")
+                expect(page.get_by_text("Images", exact=True).first).to_be_visible(
+                    timeout=T_LONG)  # first start: the demo is built in this home
+                _wait_idle(page, T_LONG)
+                assert demo_link.is_dir()
+                page.get_by_text("Create a workspace").click()
+                page.get_by_label("Name", exact=True).fill("photos")
+                page.get_by_label("Name", exact=True).press("Enter")
+                page.get_by_label("Model spec", exact=True).fill("demo")
+                page.get_by_label("Model spec", exact=True).press("Enter")
+                _wait_idle(page)
+                page.get_by_label("Image folder", exact=True).fill(str(images))
+                page.get_by_label("Image folder", exact=True).press("Enter")
+                _wait_idle(page)
+                create = page.get_by_role("button", name="Create workspace and build its catalog")
+                create.click()
+                bar = page.locator("[data-testid='stProgress']")
+                expect(bar).to_contain_text(re.compile(r"images/s, ETA"), timeout=120_000)
+                # where the user is looking: right under the button, inside the open form
+                ys = page.evaluate(
+                    "() => { const b = [...document.querySelectorAll('button')].find(e => "
+                    "e.innerText.includes('Create workspace and build')); const p = "
+                    "document.querySelector(\"[data-testid='stProgress']\"); return [b ? "
+                    "b.getBoundingClientRect().bottom : null, p.getBoundingClientRect().top, "
+                    "document.querySelector(\"[data-testid='stExpander']\")"
+                    ".getBoundingClientRect().bottom]; }")
+                assert ys[0] is not None and ys[0] <= ys[1] <= ys[2], ys
+                _shot(page, "ux_form_build.png")
+                expect(page.get_by_text(re.compile(
+                    r"Catalog complete: 1200 images, 10800 crops"))).to_be_visible(
+                    timeout=T_LONG)
+                _wait_idle(page)
+                expect(bar).to_have_count(0)
+                expect(page.get_by_text("Resuming")).to_have_count(0)
+                expect(page.get_by_text("no catalog")).to_have_count(0)
+                assert "ws=photos" in page.url
+            browser.close()
+    finally:
+        server.kill()
