@@ -39,6 +39,7 @@ __all__ = [
     "patch_from_crop",
     "patch_from_region",
     "patch_from_file",
+    "tile_patch",
 ]
 
 SHIFT_OFFSETS = (0.0, 0.5, 1.0, 2.0, 10.0, 15.0, 20.0, 35.0, 50.0, 200.0)
@@ -247,3 +248,12 @@ def patch_from_file(lm: LoadedModel, path: str | Path, size: int | None = None) 
     img = img.resize((c, c), lm.interpolation)
     arr = np.asarray(img, dtype=np.float32) / 255.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def tile_patch(patch: torch.Tensor, times: int) -> torch.Tensor:
+    """``patch`` (3, h, w) repeated ``times`` x ``times`` into a (3, times*h, times*w) patch (a
+    larger patch of the same texture; ``times`` 1: the patch itself)."""
+    t = int(times)
+    if t < 1:
+        raise ExplorerError(f"Tile factor {times}: use a whole number >= 1")
+    return patch.repeat(1, t, t).contiguous()

@@ -12,3 +12,8 @@ class ExplorerError(Exception):
 
 class ExplorerWarning(UserWarning):
     """A recoverable problem the user should see (e.g. activations clamped to be non-negative)."""
+
+
+class Cancelled(ExplorerError):
+    """The user cancelled a long job (raised from its progress callback). What the job stored
+    before stays consistent: a catalog build resumes where it stopped, cached parts are reused."""

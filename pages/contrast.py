@@ -17,9 +17,10 @@ names = lm.class_names
 
 with st.sidebar:
     st.header("Settings")
-    a = widgets.class_picker("Class A (explained)", names, counts, key="co_a", url_key="a")
+    a = widgets.class_picker("Class A (explained)", names, counts, key="co_a", url_key="a",
+                             min_images=1)
     b = widgets.class_picker("Class B (contrasted against)", names, counts, key="co_b",
-                         url_key="b", exclude=a)
+                         url_key="b", exclude=a, min_images=1)
     n, method, max_images, seed = widgets.method_settings("co", "Images per class (at most)")
     layer = widgets.layer_picker(cat, key="co_layer")
 
@@ -55,7 +56,9 @@ explanation = views.run_or_load(
     key, "co", "Contrast", f"contrasting {names[a]} against {names[b]}", _contrast,
     "Press **Contrast** to train the A-vs-B classifier and compute the contrasted concepts "
     "(cached on disk; `python -m explainer precompute --pairs ...` stores classifiers of many "
-    "pairs at once).", cached=_stored, compute_now=_classifier_stored)
+    "pairs at once).", cached=_stored, compute_now=_classifier_stored,
+    units=min(int(max_images), counts.get(a, 0)) + min(int(max_images), counts.get(b, 0)),
+    model=ws.model)
 with errors.guard("reading the precompute record"):
     from explainer.precompute import precomputed_note
 

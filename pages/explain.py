@@ -18,7 +18,7 @@ names = lm.class_names
 with st.sidebar:
     st.header("Settings")
     cls = widgets.class_picker("Class A (type to search)", names, counts, key="ex_class",
-                           url_key="a")
+                           url_key="a", min_images=1)
     n, method, max_images, seed = widgets.method_settings(
         "ex", "Images (at most)", "Images predicted as the class, chosen with the seed (paper: 500)")
     layer = widgets.layer_picker(cat, key="ex_layer")
@@ -48,7 +48,7 @@ explanation = views.run_or_load(
     key, "ex", "Explain", f"explaining {names[cls]}", _explain,
     "Press **Explain** to compute the concepts (results are cached on disk, so a repeated run "
     "loads instantly; `python -m explainer precompute` stores many classes at once).",
-    cached=_stored)
+    cached=_stored, units=min(int(max_images), counts.get(cls, 0)), model=ws.model)
 with errors.guard("reading the precompute record"):
     from explainer.precompute import precomputed_note
 

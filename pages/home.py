@@ -10,7 +10,7 @@ from pathlib import Path
 import streamlit as st
 
 from explorer_core.errors import ExplorerError
-from pages.ui import access, errors, progress, resources, state, trust, widgets
+from pages.ui import access, errors, jobs, resources, state, trust, widgets
 
 access.lead_page()
 
@@ -33,19 +33,83 @@ name = col_ws.selectbox("Workspace", names, key="home_ws",
 if name != state.qp("ws"):
     # another workspace: forget the classes of the previous one
     state.set_qp(ws=name, a=None, b=None)
+state.scope_to_workspace(name)
 
 
-def _build(ws) -> None:
+@st.cache_data(show_spinner=False, ttl=120, max_entries=16)
+def _count_files(folder: str) -> int:
+    from data_index.datasets import ImageFolder
+
+    try:
+        return len(ImageFolder(folder))
+    except (ExplorerError, OSError):
+        return 0
+
+
+def _n_files(ws) -> int:
+    """Image files the build will read (0 when the folder cannot be listed); one listing per
+    folder and two minutes, not one per rerun of the page."""
+    return _count_files(str(ws.images_path))
+
+
+def _stop_building() -> None:
+    st.session_state.pop("building", None)  # a cancelled build is not resumed by itself
+
+
+def _build(ws, container=None) -> bool:
+    """Build (or resume) the catalog with a progress bar and a Cancel button where the user
+    started it (``container``); True when it completed. The message of a completed build is
+    kept for the next run (``home_built``)."""
     from data_index.catalog import build_catalog
 
     st.session_state["building"] = str(ws.root)
-    prog = progress.ProgressBar(f"Building the catalog of '{ws.name}'")
-    stats = build_catalog(ws, progress=prog)
-    prog.done()
+    n = _n_files(ws)
+    job = jobs.Job(f"Building the catalog of '{ws.name}'", "home_job", container=container,
+                   on_cancel=_stop_building, kind="build", model=f"{ws.model}/{ws.mode}",
+                   units=n)
+    try:
+        stats = build_catalog(ws, progress=job)
+        job.finished()
+    except Exception:
+        _stop_building()  # a failed build is not retried on every visit; the button stays
+        raise
+    finally:
+        job.done()
     st.session_state.pop("building", None)
-    st.success(f"Catalog complete: {stats.n_images} images, {stats.n_crops} crops, "
-               f"{stats.n_skipped} skipped ({stats.seconds:.0f}s"
-               f"{', resumed ' + str(stats.chunks_resumed) + ' chunks' if stats.chunks_resumed else ''}).")
+    st.session_state["home_built"] = (
+        str(ws.root), f"Catalog complete: {stats.n_images} images, {stats.n_crops} crops, "
+        f"{stats.n_skipped} skipped ({stats.seconds:.0f}s"
+        f"{', resumed ' + str(stats.chunks_resumed) + ' chunks' if stats.chunks_resumed else ''}"
+        ").")
+    return True
+
+
+def _open_when_free(ws, wait_s: float = 5.0) -> None:
+    """Open the catalog; while the workspace is 'in use' (a build cancelled a moment ago is
+    still closing its files), retry for up to ``wait_s`` seconds before saying so."""
+    import time
+
+    t_end = time.monotonic() + wait_s
+    while True:
+        try:
+            resources.open_catalog(ws)
+            return
+        except ExplorerError as err:
+            if "is in use" not in str(err) or time.monotonic() >= t_end:
+                if "is in use" in str(err):
+                    raise ExplorerError(f"{err} If you just cancelled a build, reload the page "
+                                        "in a few seconds.") from None
+                raise
+            time.sleep(0.25)
+
+
+def _build_estimate(ws) -> None:
+    n = _n_files(ws)
+    guess = jobs.estimate("build", f"{ws.model}/{ws.mode}", n) if n else None
+    st.caption(f":material/schedule: {guess}" if guess else
+               f":material/schedule: {n} image files to index"
+               + (" (no build measured on this server yet: the rate and ETA show once it runs)"
+                  if n else ""))
 
 
 def _status(ws) -> None:
@@ -115,24 +179,47 @@ def _precomputed(ws) -> None:
 def _show(name: str) -> None:
     from data_index.workspace import workspace_from_url
 
+    # one slot whether or not the demo is being built, so the page keeps its structure and
+    # the 'Create a workspace' expander below keeps its open state across reruns
+    prep = st.empty()
     if resources.is_embedded(name) and not resources.demo_ready(name):
-        resources.ensure_demo(name=name)
+        resources.ensure_demo(container=prep, name=name)
     ws = workspace_from_url(name)  # a name from the URL: never a folder path
     if not trust.confirm(ws.model, "home_trust"):
         return  # its model runs a user's file: nothing is built or loaded before the OK
     try:
-        resources.open_catalog(ws)
+        _open_when_free(ws)
         complete = True
     except ExplorerError as err:
         complete = False
-        st.warning(f"{err}", icon=":material/build:")
+        missing = err
     if not complete:
         resume = st.session_state.get("building") == str(ws.root)
-        if resume:
-            st.info("Resuming the catalog build you started (it continues where it stopped).")
-        if resume or st.button("Build / resume the catalog", type="primary", key="home_build"):
-            _build(ws)
-            complete = True
+        notes = st.empty()  # what is said about the unfinished catalog: gone once it is built
+        with notes.container():
+            if jobs.was_cancelled("home_job"):
+                st.warning("Build cancelled. What was indexed is saved: **Build / resume** "
+                           "continues where it stopped.", icon=":material/cancel:")
+            elif resume:
+                st.info("Resuming the catalog build you started (it continues where it "
+                        "stopped).")
+            else:
+                st.warning(f"{missing}", icon=":material/build:")
+            if not resume:
+                _build_estimate(ws)
+            pressed = not resume and st.button("Build / resume the catalog", type="primary",
+                                               key="home_build")
+        if resume or pressed:
+            if pressed:
+                notes.empty()  # the bar takes the button's place
+            try:  # a resume keeps its note above the bar while it runs
+                complete = _build(ws)
+            finally:
+                notes.empty()
+    done = st.session_state.pop("home_built", None)
+    built = st.empty()  # always there (see prep above); the message shows once
+    if done is not None and done[0] == str(ws.root):
+        built.success(done[1], icon=":material/check_circle:")
     if complete:
         _status(ws)
 
@@ -175,14 +262,24 @@ with st.expander("Create a workspace", expanded=False):
                                   format_func=lambda n: labels.get(n, n), key="new_layers")
     images = st.text_input("Image folder", key="new_images", placeholder="/data/photos")
     size0 = lm.input_size if lm is not None else 224
+    grid_for = spec.strip() if lm is not None else None
+    if st.session_state.get("_new_grid_for", "") != grid_for:
+        # the crop grid's defaults follow the model (its input size, a 3x3 grid) until edited
+        st.session_state.update(new_image_size=size0, new_crop_size=max(1, size0 // 3),
+                                new_stride=max(1, size0 // 3), _new_grid_for=grid_for)
+
+    def _grid_follows_size() -> None:
+        third = max(1, int(st.session_state["new_image_size"]) // 3)
+        st.session_state.update(new_crop_size=third, new_stride=third)
+
     g1, g2, g3, g4 = st.columns(4)
-    image_size = g1.number_input("Image size (px)", 8, 16384, size0, key="new_image_size",
+    image_size = g1.number_input("Image size (px)", 8, 16384, key="new_image_size",
+                                 on_change=_grid_follows_size,
                                  help="images are resized and center-cropped to this side "
                                       "(default: the model input)")
-    crop_size = g2.number_input("Crop size (px)", 1, 16384, max(1, int(image_size) // 3),
-                                key="new_crop_size",
+    crop_size = g2.number_input("Crop size (px)", 1, 16384, key="new_crop_size",
                                 help="default: a third of the image (the paper's 3x3 grid)")
-    stride = g3.number_input("Stride (px)", 1, 16384, int(crop_size), key="new_stride",
+    stride = g3.number_input("Stride (px)", 1, 16384, key="new_stride",
                              help="pixels between crops; smaller than the crop: overlap")
     storage = g4.selectbox("Storage", ["float16", "float32"], key="new_storage",
                            help="embedding storage on disk; float16 halves it")
@@ -192,7 +289,10 @@ with st.expander("Create a workspace", expanded=False):
                              "of one forward (faster)")
     seed = c2.number_input("Seed", 0, 2**31 - 1, 0, key="new_seed")
     device = c3.selectbox("Device", ["auto", "cpu", "cuda"], key="new_device")
-    if st.button("Create workspace and build its catalog", key="new_create", type="primary"):
+    create_pressed = st.button("Create workspace and build its catalog", key="new_create",
+                               type="primary")
+    create_slot = st.container()
+    if create_pressed:
         with errors.guard("creating the workspace"):
             from data_index.workspace import Workspace
 
@@ -212,6 +312,8 @@ with st.expander("Create a workspace", expanded=False):
                                   crop_size=int(crop_size), stride=int(stride),
                                   storage=storage)
             state.set_qp(ws=ws.name, a=None, b=None)
-            st.session_state["building"] = str(ws.root)
             st.session_state.pop("home_ws", None)
+            # built here, under the button the user pressed (a page left mid-build resumes it
+            # at the top of the Workspace page)
+            _build(ws, container=create_slot)
             st.rerun()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import streamlit as st
 
 import study as S
-from pages.ui import access, errors, progress, resources, simulate
+from pages.ui import access, errors, jobs, resources, simulate
 
 access.lead_page()
 
@@ -39,13 +39,25 @@ with st.expander("New study", expanded=not path.is_file()):
     trials = c[1].number_input("Trials per participant", 1, 1000, 50, key="st_trials")
     seed = c[2].number_input("Seed", 0, 2**31 - 1, 0, key="st_seed")
     max_images = c[3].number_input("Images per class", 1, 100000, 500, step=50, key="st_img")
+    units = sum(min(int(max_images), counts.get(c, 0)) for c in classes)
+    guess = jobs.estimate("st", ws.model, units)
+    if guess:
+        st.caption(f":material/schedule: Creating: {guess}")
+    if jobs.was_cancelled("st_job"):
+        st.warning("Creating the study was cancelled; no study was stored. The classes' "
+                   "explanations computed so far are cached: creating it again reuses them.",
+                   icon=":material/cancel:")
     if st.button("Create the study", type="primary", key="st_create"):
         with errors.guard("creating the study"):
-            prog = progress.ProgressBar("Explaining the study's classes")
-            new = S.create_study(ws, classes, n_concepts=int(n_concepts),
-                                 trials_per_participant=int(trials), seed=int(seed),
-                                 max_images=int(max_images), progress=prog)
-            prog.done()
+            job = jobs.Job("Explaining the study's classes", "st_job", kind="st",
+                           model=ws.model, units=units)
+            try:
+                new = S.create_study(ws, classes, n_concepts=int(n_concepts),
+                                     trials_per_participant=int(trials), seed=int(seed),
+                                     max_images=int(max_images), progress=job)
+                job.finished()
+            finally:
+                job.done()
             st.session_state["st_selected"] = new.study_id
             st.success(f"Study {new.study_id} created with {len(new.classes)} classes.")
 

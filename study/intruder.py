@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import datetime as _dt
 import hashlib
 import hmac
@@ -400,16 +401,26 @@ def create_study(ws: Any, classes: Iterable[int], *, n_concepts: int = 4,
         raise ExplorerError("An intruder study needs 2 to 10 concepts per class")
     if m < CROPS_PER_TRIAL - 1:
         raise ExplorerError(f"Need at least {CROPS_PER_TRIAL - 1} crops per concept (m >= 4)")
+    inner: dict[str, Any] = {}
     if explain is None:
         from explainer.concepts import explain_class
 
         explain = explain_class
+        inner_progress = progress is not None
+    else:
+        inner_progress = False  # a replacement explain may not take progress=
     concept_crops: dict[int, list[list[int]]] = {}
     for i, cls in enumerate(classes):
         report(progress, "explaining classes", i, len(classes), "classes",
                message=f"class {cls}")
+        if inner_progress and progress is not None:
+            # the class's own stages (attribution images with rate and ETA), so a study's
+            # progress moves within a class, not only between classes
+            tag = f"class {i + 1}/{len(classes)} · "
+            inner["progress"] = (lambda p, tag=tag, outer=progress:
+                                 outer(dataclasses.replace(p, stage=tag + p.stage)))
         exp = explain(ws, cls, n_concepts=n_concepts, method=method, max_images=max_images,
-                      seed=seed, m=m)
+                      seed=seed, m=m, **inner)
         concept_crops[cls] = [[c.crop_id for c in con.top_crops(exclude_target)]
                               for con in exp.concepts]
     report(progress, "storing the study", len(classes), len(classes), "classes")

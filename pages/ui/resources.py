@@ -23,7 +23,7 @@ from explorer_core.errors import ExplorerError
 from explorer_core.models import UserCodeRefused, shared_model
 
 from .progress import ProgressBar
-from .state import qp, restore_shared, set_qp
+from .state import qp, restore_shared, scope_to_workspace, set_qp
 
 DEFAULT_WORKSPACE = "demo"
 
@@ -152,14 +152,15 @@ def ensure_demo(container: Any = None, name: str = DEFAULT_WORKSPACE) -> Workspa
     catalog) with a visible progress bar."""
     from demo_world.workspace import ensure_embedded_workspace
 
-    box = container or st.container()
-    with box:
-        note = st.info(f"Preparing the {name} workspace (synthetic world + catalog); the first "
-                       "time takes a minute or two. Leaving the page is safe: the build resumes.")
-        prog = ProgressBar(f"Building the {name} workspace")
+    slot = (container or st).empty()  # the note and the bar in one slot, emptied at the end
+    try:
+        with slot.container():
+            st.info(f"Preparing the {name} workspace (synthetic world + catalog); the first "
+                    "time takes a minute or two. Leaving the page is safe: the build resumes.")
+            prog = ProgressBar(f"Building the {name} workspace")
         ws = ensure_embedded_workspace(name, progress=prog)
-        prog.done()
-        note.empty()
+    finally:
+        slot.empty()
     return ws
 
 
@@ -209,6 +210,7 @@ def context(build_demo: bool = True) -> tuple[Workspace, Catalog, Any]:
         st.error(str(err), icon=":material/warning:")
         st.page_link("pages/home.py", label="Open or create a workspace", icon=":material/home:")
         st.stop()
+    scope_to_workspace(ws.name)
     cat = require_catalog(ws)
     try:
         lm = model(ws.model, ws.device)

@@ -74,3 +74,19 @@ def init_widget(key: str, value: Any) -> None:
     if key not in st.session_state:
         st.session_state[key] = value
 
+
+
+# widgets and URL keys whose value belongs to one workspace (another workspace starts afresh)
+WORKSPACE_WIDGETS = ("ex_excl", "co_excl")
+WORKSPACE_URL_KEYS = ("excl",)
+
+
+def scope_to_workspace(name: str) -> None:
+    """Forget the workspace-bound view state (the exclude toggles) when this session moves to
+    another workspace, so a setting of one workspace does not leak into the next."""
+    prev = st.session_state.get("_scoped_ws")
+    if prev is not None and prev != name:
+        for k in WORKSPACE_WIDGETS:
+            st.session_state.pop(k, None)
+        set_qp(**{k: None for k in WORKSPACE_URL_KEYS})
+    st.session_state["_scoped_ws"] = name

@@ -12,6 +12,7 @@ import streamlit as st
 
 from explorer_core.errors import ExplorerError
 
+from .bench_send import send_buttons
 from .errors import guard
 from .pictures import crop_pic, upscale
 from .progress import ProgressBar
@@ -73,6 +74,10 @@ def synthesis_panel(ws: Any, lm: Any, explanation: Any, prefix: str) -> None:
                           caption=f"#{ref.crop_id}")
             except ExplorerError:
                 col.caption(f"#{ref.crop_id} unreadable")
+                continue
+            with col:  # one click to the Test bench, as under every crop
+                send_buttons(ws.name, ref.crop_id,
+                             key=f"{prefix}_syn_send_{con.index}_{ref.crop_id}")
     with guard("testing the synthesised concepts"):
         pt = synthesis_prediction_test(lm, syns, explanation.class_a)
         a = class_name(lm, pt.target)

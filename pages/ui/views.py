@@ -12,9 +12,9 @@ import streamlit as st
 
 from explorer_core.errors import ExplorerError
 
+from . import bench_send, jobs
 from .errors import guard
 from .pictures import crop_pic, heat_overlay, image_pic, upscale, with_box
-from .progress import ProgressBar
 from .resources import computed, results_store
 from .state import set_qp
 from .widgets import class_name
@@ -69,7 +69,8 @@ def provenance(ws: Any, lm: Any, ref: Any) -> None:
 
 def concept_grid(ws: Any, lm: Any, explanation: Any, exclude_target: bool,
                  key_prefix: str) -> None:
-    """Per concept: the m nearest crops in a grid, each with provenance in a popover."""
+    """Per concept: the m nearest crops in a grid, each with provenance in a popover and the
+    buttons that send it to the Test bench (stitch list or patch)."""
     unreadable: list[str] = []
     for con in explanation.concepts:
         refs = con.top_crops(exclude_target)
@@ -84,6 +85,8 @@ def concept_grid(ws: Any, lm: Any, explanation: Any, exclude_target: bool,
                     st.caption(f"#{ref.crop_id} unreadable")
                     continue
                 st.image(pic, width=96, caption=f"#{ref.crop_id}")
+                bench_send.send_buttons(ws.name, ref.crop_id,
+                                        key=f"{key_prefix}_send_{con.index}_{ref.crop_id}")
                 with st.popover("where from"):
                     with guard("showing where the crop comes from"):
                         provenance(ws, lm, ref)
@@ -120,15 +123,21 @@ def heatmaps(ws: Any, lm: Any, explanation: Any, n_images: int) -> None:
 
 def run_or_load(key: tuple, prefix: str, button: str, what: str, compute: Callable[[Any], Any],
                 hint: str, cached: Callable[[], Any] | None = None,
-                compute_now: Callable[[], bool] | None = None) -> Any:
+                compute_now: Callable[[], bool] | None = None, *, units: float = 0.0,
+                model: str = "") -> Any:
     """The result stored under ``key``, or a run button that computes it with a progress bar.
 
     ``cached()`` looks the result up in the workspace's result cache (a precompute, an earlier
     run) and computes nothing: a hit is shown at once, without the button. When
     ``compute_now()`` is true it computes without waiting for the button (the slow part is
     stored already, e.g. a precomputed classifier). A shared link with ``run=1`` computes on
-    its first visit. Stops the page (with ``hint``) while there is no result;
-    ``compute(progress)`` is the explainer call."""
+    its first visit. ``compute(progress)`` is the explainer call; the progress (with a Cancel
+    button) shows under the button, with an estimate before starting when a job over ``units``
+    images of ``model`` finished on this server before.
+
+    While there is no result for ``key``: the previous result of this page (same workspace,
+    other settings) is returned greyed with a note, until the new one exists; without one the
+    page stops with ``hint``."""
     result = results_store().get(key)
     if result is None and cached is not None:
         with guard("reading the stored result"):
@@ -140,28 +149,74 @@ def run_or_load(key: tuple, prefix: str, button: str, what: str, compute: Callab
         with guard("reading the stored classifier"):
             now = bool(compute_now())
     run_slot = st.empty()
+    job_key = f"{prefix}_job"
+    if result is None and jobs.was_cancelled(job_key):
+        st.warning(f"Cancelled {what}; press **{button}** to start again (parts already "
+                   "computed are cached and reused).", icon=":material/cancel:")
+        now = False  # a cancelled job is not restarted by itself
     run = result is None and (now or run_slot.button(button, type="primary",
                                                      key=f"{prefix}_run"))
     first_visit = f"{prefix}_seen" not in st.session_state
     st.session_state[f"{prefix}_seen"] = True
     auto = first_visit and st.query_params.get("run") == "1"  # a shared link of a computed view
+    if result is None and not (run or auto):
+        guess = jobs.estimate(prefix, model, units) if units else None
+        if guess:
+            st.caption(f":material/schedule: {button}: {guess}")
     if result is None and (run or auto):
         with guard(what):
-            prog = ProgressBar(what[:1].upper() + what[1:])
+            job = jobs.Job(what[:1].upper() + what[1:], job_key, kind=prefix, model=model,
+                           units=units)
             try:
-                result = computed(key, lambda: compute(prog))
+                result = computed(key, lambda: compute(job))
+                job.finished()
             finally:
-                prog.done()  # also after an error: no empty bar stays behind
+                job.done()  # also after an error or a cancel: no empty bar stays behind
             run_slot.empty()
+    last_key = f"{prefix}_last_key"
     if result is None:
         set_qp(run=None)
-        st.info(hint)
-        st.stop()
+        prev_key = st.session_state.get(last_key)
+        prev = (results_store().get(prev_key) if prev_key is not None and prev_key != key
+                and tuple(prev_key[:3]) == tuple(key[:3]) else None)
+        if prev is None or prev_key is None:
+            st.info(hint)
+            st.stop()
+        _stale_note(stale_description(tuple(prev_key), key), button)
+        return prev
+    st.session_state[last_key] = key
     set_qp(run=1)
     for w in getattr(result, "warnings", []):
         st.warning(w)
     return result
 
+
+_PARAM_NAMES = {"explain": ("class", "n", "method", "images", "seed", "m"),
+                "contrast": ("class A", "class B", "n", "method", "images", "seed", "m")}
+
+
+def stale_description(prev_key: tuple, key: tuple) -> str:
+    """What the previous result was computed with, where it differs from the current settings
+    (keys of :func:`~pages.ui.resources.result_key`): ``n=4``, ``layer=l3, seed=1``; a class
+    that differs reads ``another class``."""
+    names = ("model", "layer", *_PARAM_NAMES.get(str(key[0]), ()))
+    out = []
+    for i, (old, new) in enumerate(zip(prev_key[3:], key[3:])):
+        if old == new:
+            continue
+        name = names[i] if i < len(names) else f"setting {i}"
+        out.append(f"another {name}" if name.startswith("class") else f"{name}={old}")
+    return ", ".join(out) or "other settings"
+
+
+def _stale_note(what: str, button: str) -> None:
+    """Say that the shown result is the previous one, and grey its pictures and charts."""
+    st.caption(f":material/history: Showing the previous result for {what} (greyed); press "
+               f"**{button}** for the current settings.")
+    st.markdown("<style>[data-testid='stMain'] [data-testid='stImage'] img,"
+                "[data-testid='stMain'] .stPlotlyChart,[data-testid='stMain'] "
+                "[data-testid='stAlert']{opacity:.4;filter:grayscale(1)}</style>",
+                unsafe_allow_html=True)
 
 
 def precomputed_caption(note: str | None) -> None:

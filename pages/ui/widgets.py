@@ -26,10 +26,20 @@ def parse_class(value: str | None, names: Sequence[str]) -> int | None:
 
 def class_picker(label: str, names: Sequence[str], counts: dict[int, int], *, key: str,
                  url_key: str, default: int | None = None, container: Any = None,
-                 exclude: int | None = None) -> int:
+                 exclude: int | None = None, min_images: int = 0) -> int:
     """Select a class by name (type to search); options read 'name (N images)'; the most
-    populated classes come first. The choice is kept in the URL (by name)."""
+    populated classes come first. The choice is kept in the URL (by name). ``min_images``:
+    only classes with at least that many images predicted as them are offered (an explanation
+    of a class without images cannot run); a URL naming another class gets a note."""
     opts = sorted(range(len(names)), key=lambda i: (-counts.get(i, 0), names[i]))
+    if min_images > 0:
+        kept = [i for i in opts if counts.get(i, 0) >= min_images]
+        asked = parse_class(qp(url_key), names)
+        if asked is not None and asked not in kept and kept:
+            (container or st).caption(f"'{names[asked]}' has no images predicted as it in this "
+                                      f"workspace; {len(opts) - len(kept)} such classes are "
+                                      "not offered.")
+        opts = kept or opts
     if exclude is not None and len(opts) > 1:
         opts = [i for i in opts if i != exclude]
     first = parse_class(qp(url_key), names)
