@@ -14,6 +14,7 @@ import streamlit as st
 
 from explorer_core.errors import ExplorerError
 
+from .bench_send import send_buttons
 from .errors import guard
 from .pictures import crop_pic, image_pic, upscale
 from .resources import catalog_key, computed
@@ -34,6 +35,7 @@ def show_crop(ws: Any, lm: Any, ref: Any, *, key: str) -> None:
         return
     score = "" if ref.score != ref.score else f" · {ref.score:.2f}"  # NaN: no score
     st.image(pic, width=96, caption=f"#{ref.crop_id}{score}")
+    send_buttons(ws.name, int(ref.crop_id), key=key)
     with st.popover("where from"):
         with guard("showing where the crop comes from"):
             provenance(ws, lm, ref)

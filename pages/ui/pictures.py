@@ -61,19 +61,3 @@ def with_box(img: np.ndarray, box: Sequence[int], color: tuple[int, int, int] = 
     x0, y0, x1, y1 = (int(v) * f for v in box)
     ImageDraw.Draw(pil).rectangle([x0, y0, x1 - 1, y1 - 1], outline=color, width=max(2, f))
     return np.asarray(pil)
-
-
-def heat_overlay(img: np.ndarray, heat: np.ndarray, vmax: float) -> np.ndarray:
-    """Blend a concept heatmap (h, w) over an image (H, W, 3): red where the concept is strong."""
-    h = np.asarray(heat, np.float32) / (vmax if vmax > 0 else 1.0)
-    h = np.clip(h, 0, 1)
-    H, W = img.shape[:2]
-    hm = np.asarray(Image.fromarray((h * 255).astype(np.uint8)).resize((W, H),
-                                                                        Image.Resampling.BILINEAR),
-                    np.float32)[..., None] / 255.0
-    base = img.astype(np.float32) * 0.45
-    red = np.array([255, 60, 0], np.float32)
-    out = base * (1 - hm) + (base * 0.3 + red * 0.7) * hm
-    return upscale(out.clip(0, 255).astype(np.uint8), 128)
-
-

@@ -7,14 +7,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import streamlit as st
 
 from explorer_core.errors import ExplorerError
 
 from . import bench_send, jobs
 from .errors import guard
-from .pictures import crop_pic, heat_overlay, image_pic, upscale, with_box
+from .pictures import crop_pic, image_pic, upscale, with_box
 from .resources import computed, results_store
 from .state import set_qp
 from .widgets import class_name
@@ -98,27 +97,6 @@ def concept_grid(ws: Any, lm: Any, explanation: Any, exclude_target: bool,
                  "images may have moved or been deleted since its catalog was built; put them "
                  "back, or create the workspace again on the Workspace page.",
                  icon=":material/broken_image:")
-
-
-def heatmaps(ws: Any, lm: Any, explanation: Any, n_images: int) -> None:
-    """Concept strength over the first ``n_images`` source images (NMF W, ours, not the paper's)."""
-    hm = np.asarray(explanation.heatmaps)
-    if hm.size == 0 or not explanation.image_ids:
-        st.info("This explanation has no heatmaps.")
-        return
-    vmax = [float(np.percentile(hm[:, k], 99.5)) or float(hm[:, k].max())
-            for k in range(hm.shape[1])]
-    k = explanation.n_concepts
-    head = st.columns(k + 1)
-    head[0].markdown("**image**")
-    for c in range(k):
-        head[c + 1].markdown(f"**concept {c + 1}**")
-    for i, image_id in enumerate(explanation.image_ids[:n_images]):
-        img = image_pic(ws, image_id)
-        cols = st.columns(k + 1)
-        cols[0].image(upscale(img, 128), width=128, caption=f"image {image_id}")
-        for c in range(k):
-            cols[c + 1].image(heat_overlay(img, hm[i, c], vmax[c]), width=128)
 
 
 def run_or_load(key: tuple, prefix: str, button: str, what: str, compute: Callable[[Any], Any],
