@@ -90,6 +90,29 @@ class Server:
         self.proc = None
 
 
+@contextlib.contextmanager
+def browser_session(home: Path, tmp_path: Path, height: int = 1100):
+    """A Streamlit server over ``home`` (lead key set) and a headless Chromium page on a
+    1500 x ``height`` viewport, 2 min default timeout; yields ``(server, page)``, and closes
+    the browser and kills the server whatever happens."""
+    from playwright.sync_api import sync_playwright
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    server = Server(home, _free_port(), tmp_path / "streamlit.log")
+    server.start()
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROME_ARGS, headless=True)
+            try:
+                page = browser.new_page(viewport={"width": 1500, "height": height})
+                page.set_default_timeout(120_000)
+                yield server, page
+            finally:
+                browser.close()
+    finally:
+        server.kill()
+
+
 def _answers(path: Path, token: str) -> list[tuple]:
     import duckdb
 
